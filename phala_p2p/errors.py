@@ -49,6 +49,35 @@ class RemoteError(P2PError):
         self.code = code
 
 
+class Cancelled(P2PError):
+    """The remote peer cancelled the exchange (a CANCEL frame); ``reason`` is its text."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"cancelled by the remote peer: {reason}" if reason else "cancelled")
+        self.reason = reason
+
+
+class StreamTampered(ProtocolViolation):
+    """A chunk of an encrypted stream failed authentication (modified, or wrong key/context)."""
+
+    def __init__(self, message: str, *, reason: str = "stream_tampered") -> None:
+        super().__init__(message, reason=reason)
+
+
+class StreamTruncated(ProtocolViolation):
+    """An encrypted stream ended without its final chunk, or went on after it."""
+
+    def __init__(self, message: str, *, reason: str = "stream_truncated") -> None:
+        super().__init__(message, reason=reason)
+
+
+class StreamReordered(ProtocolViolation):
+    """A chunk of an encrypted stream arrived out of order, or was replayed."""
+
+    def __init__(self, message: str, *, reason: str = "stream_reordered") -> None:
+        super().__init__(message, reason=reason)
+
+
 class PublishError(P2PError):
     """A gossip message could not be sent; nothing was sent silently-dropped in its place."""
 
@@ -79,6 +108,10 @@ class MemoryExhausted(ExecutionError):
 
 class WallClockExceeded(ExecutionError):
     """The job ran longer than its wall-clock cap."""
+
+
+class OutputTooLarge(ExecutionError):
+    """The job returned more output than the executor allows."""
 
 
 class EnclaveError(P2PError):

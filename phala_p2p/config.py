@@ -1,0 +1,146 @@
+"""Node configuration: frozen, validated, loadable from TOML."""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+
+from phala_p2p.errors import UsageError
+from phala_p2p.net.gossip import GossipConfig
+from phala_p2p.net.health import HealthConfig
+from phala_p2p.net.host import HostLimits
+
+
+class Role(enum.StrEnum):
+    BOOTSTRAP = "bootstrap"
+    GATEKEEPER = "gatekeeper"
+    MINER = "miner"
+    CLIENT = "client"
+
+    @property
+    def dht_server(self) -> bool:
+        """Gatekeepers and bootstrap nodes answer DHT and rendezvous queries."""
+        return self in (Role.BOOTSTRAP, Role.GATEKEEPER)
+
+
+DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """How a node finds others: bootstrap list, rendezvous per role, optional mDNS."""
+
+    target_peers: int = 12
+    interval: float = 2.0
+    mdns: bool = False  # LAN discovery is opt-in
+    rendezvous_ttl: int = 7200
+
+    def __post_init__(self) -> None:
+        if self.target_peers < 1 or self.interval <= 0:
+            raise UsageError("discovery: target_peers >= 1 and interval > 0")
+        if not 120 <= self.rendezvous_ttl <= 72 * 3600:
+            raise UsageError("discovery: rendezvous_ttl must be between 2 minutes and 72 hours")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node needs to start. ``NodeConfig.from_toml(path)`` reads one from a file."""
+
+    role: Role = Role.CLIENT
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    bootstrap: tuple[str, ...] = ()
+    data_dir: Path | None = None
+    name: str = ""
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    limits: HostLimits = field(default_factory=HostLimits)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.role, Role):
+            try:
+                object.__setattr__(self, "role", Role(self.role))
+            except ValueError as err:
+                roles = ", ".join(r.value for r in Role)
+                raise UsageError(f"unknown role {self.role!r} (one of {roles})") from err
+        object.__setattr__(self, "listen", tuple(self.listen))
+        object.__setattr__(self, "bootstrap", tuple(self.bootstrap))
+        if not self.listen:
+            raise UsageError("a node needs at least one listen address")
+        for addr in self.listen:
+            names = _protocol_names(addr, "listen")
+            if "p2p" in names:
+                raise UsageError(f"listen address {addr} must not contain /p2p/")
+            if "tcp" not in names:
+                raise UsageError(f"listen address {addr}: only TCP and WebSocket are supported")
+        for addr in self.bootstrap:
+            if "p2p" not in _protocol_names(addr, "bootstrap"):
+                raise UsageError(f"bootstrap address {addr} must end with /p2p/<peer id>")
+        if self.data_dir is not None and not isinstance(self.data_dir, Path):
+            object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise UsageError("metrics_port must be in [0, 65535]")
+
+    def with_(self, **changes: Any) -> NodeConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> NodeConfig:
+        """Read a config file: top-level keys of ``[node]``, plus optional ``[gossip]``,
+        ``[limits]``, ``[health]`` and ``[discovery]`` tables. Unknown keys are errors."""
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text())
+        except FileNotFoundError as err:
+            raise UsageError(f"config file not found: {p}") from err
+        except tomllib.TOMLDecodeError as err:
+            raise UsageError(f"{p}: not valid TOML: {err}") from err
+        return cls.from_dict(raw, base_dir=p.parent)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, base_dir: Path | None = None) -> NodeConfig:
+        raw = dict(raw)
+        node = dict(raw.pop("node", {}))
+        sections = {"gossip": GossipConfig, "limits": HostLimits, "health": HealthConfig,
+                    "discovery": DiscoveryConfig}
+        kwargs: dict[str, Any] = {}
+        for name, klass in sections.items():
+            if name in raw:
+                kwargs[name] = _build(klass, raw.pop(name), name)
+        if raw:
+            raise UsageError(f"unknown config sections: {', '.join(sorted(raw))}")
+        allowed = {f.name for f in fields(cls)} - set(sections)
+        unknown = set(node) - allowed
+        if unknown:
+            raise UsageError(f"unknown [node] keys: {', '.join(sorted(unknown))}")
+        if "data_dir" in node and node["data_dir"] is not None:
+            d = Path(node["data_dir"]).expanduser()
+            node["data_dir"] = d if d.is_absolute() or base_dir is None else base_dir / d
+        return cls(**node, **kwargs)
+
+
+def _build(klass: Any, values: Any, section: str) -> Any:
+    if not isinstance(values, dict):
+        raise UsageError(f"[{section}] must be a table")
+    allowed = {f.name for f in fields(klass)}
+    unknown = set(values) - allowed
+    if unknown:
+        raise UsageError(f"unknown [{section}] keys: {', '.join(sorted(unknown))}")
+    try:
+        return klass(**values)
+    except TypeError as err:
+        raise UsageError(f"[{section}]: {err}") from err
+
+
+def _protocol_names(addr: str, what: str) -> set[str]:
+    try:
+        return {p.name for p in multiaddr.Multiaddr(addr).protocols()}
+    except Exception as err:  # multiaddr raises assorted types for bad text
+        raise UsageError(f"{what} address {addr!r} is not a multiaddr: {err}") from err

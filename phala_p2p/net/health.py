@@ -1,0 +1,111 @@
+"""Peer health: ping every connected peer, drop the ones that stop answering.
+
+A frozen process (SIGSTOP, a hung event loop) keeps its TCP connection open, and py-libp2p
+never notices. Every ``interval`` seconds each connected peer gets a ping on
+``/phala/ping/1.0.0``; a peer with no successful ping for ``dead_after`` seconds is
+disconnected (it may reconnect once it answers again).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from phala_p2p.errors import P2PError, UsageError
+from phala_p2p.net.metrics import Metrics
+from phala_p2p.net.reqresp import ProtocolLimits, RequestResponse
+
+logger = logging.getLogger(__name__)
+
+PING_PROTOCOL = "/phala/ping/1.0.0"
+PING_SIZE = 32
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    interval: float = 1.0
+    dead_after: float = 3.5
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.interval <= 0 or self.dead_after < 2 * self.interval:
+            raise UsageError("health: interval > 0 and dead_after >= 2 * interval")
+
+
+class HealthMonitor:
+    def __init__(
+        self,
+        reqresp: RequestResponse,
+        metrics: Metrics,
+        config: HealthConfig,
+        *,
+        connected_peers: Callable[[], list[str]],
+        disconnect: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self._rr = reqresp
+        self._metrics = metrics
+        self.config = config
+        self._connected = connected_peers
+        self._disconnect = disconnect
+        self._last_ok: dict[str, float] = {}
+        self.rtt: dict[str, float] = {}
+        reqresp.serve(
+            PING_PROTOCOL,
+            self._answer,
+            ProtocolLimits(max_request=PING_SIZE, max_response=PING_SIZE, max_streams_per_peer=4),
+        )
+
+    async def _answer(self, peer_id: str, request: bytes) -> bytes:
+        return request
+
+    async def run(self) -> None:
+        if not self.config.enabled:
+            return
+        tick = min(self.config.interval, 0.25)
+        next_ping = 0.0
+        async with trio.open_nursery() as nursery:
+            pinging: set[str] = set()
+            while True:
+                now = trio.current_time()
+                peers = set(self._connected())
+                for gone in set(self._last_ok) - peers:
+                    del self._last_ok[gone]
+                    self.rtt.pop(gone, None)
+                for peer in peers:
+                    last = self._last_ok.setdefault(peer, now)
+                    if now - last >= self.config.dead_after:
+                        logger.warning("peer %s did not answer pings for %.1fs: dropping it",
+                                       peer, now - last)
+                        self._metrics.count("peers_dropped_unresponsive")
+                        del self._last_ok[peer]
+                        nursery.start_soon(self._disconnect, peer)
+                    elif now >= next_ping and peer not in pinging:
+                        pinging.add(peer)
+                        nursery.start_soon(self._ping_one, peer, pinging)
+                if now >= next_ping:
+                    next_ping = now + self.config.interval
+                await trio.sleep(tick)
+
+    async def _ping_one(self, peer: str, pinging: set[str]) -> None:
+        try:
+            nonce = os.urandom(PING_SIZE)
+            start = trio.current_time()
+            try:
+                reply = await self._rr.request(
+                    peer, PING_PROTOCOL, nonce, timeout=self.config.dead_after,
+                    max_response=PING_SIZE,
+                )
+            except P2PError as err:
+                self._metrics.count("ping_failures")
+                logger.debug("ping %s failed: %s", peer, err)
+                return
+            if reply == nonce and peer in self._last_ok:
+                now = trio.current_time()
+                self._last_ok[peer] = now
+                self.rtt[peer] = now - start
+        finally:
+            pinging.discard(peer)

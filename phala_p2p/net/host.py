@@ -1,0 +1,206 @@
+"""Host factory with safe defaults, and the peer gate used for bans and partitions.
+
+py-libp2p's ``new_host`` accepts plaintext and secio, dials with a 250 ms delay when a peer
+may have several connections, and has no way to refuse a peer by id. This module builds
+the host itself: Noise only, Yamux only, one connection per peer, and a swarm that asks a
+:class:`PeerGate` before every dial and every new connection, in both directions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import multiaddr
+from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.host.basic_host import BasicHost
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.exceptions import SwarmException
+from libp2p.network.swarm import Swarm
+from libp2p.peer.id import ID
+from libp2p.peer.peerstore import PeerStore
+from libp2p.rcmgr import new_resource_manager
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport.manager import TransportManager
+from libp2p.transport.tcp.tcp import TCP
+from libp2p.transport.upgrader import TransportUpgrader
+
+from phala_p2p.crypto.identity import Identity
+from phala_p2p.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+SECURITY_PROTOCOLS = (NOISE_PROTOCOL_ID,)
+MUXER_PROTOCOLS = (YAMUX_PROTOCOL_ID,)
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """Connection limits of a host. Frozen and validated."""
+
+    max_connections: int = 200
+    dial_timeout: float = 5.0
+    upgrade_timeout: float = 5.0
+    stream_negotiation_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise UsageError("max_connections must be at least 1")
+        for name in ("dial_timeout", "upgrade_timeout", "stream_negotiation_timeout"):
+            if not 0 < getattr(self, name) <= 300:
+                raise UsageError(f"{name} must be in (0, 300] seconds")
+
+
+class PeerGate:
+    """Peers this host refuses to talk to, each until a deadline (monotonic seconds).
+
+    Consulted by the swarm before every dial and for every new connection, inbound or
+    outbound, so a denied peer can neither be reached nor reach us. Used for partitions
+    (denied until healed) and for peers that misbehave (denied for a while).
+    """
+
+    FOREVER = float("inf")
+
+    def __init__(self, *, clock: Any = time.monotonic) -> None:
+        self._until: dict[str, float] = {}
+        self._clock = clock
+
+    def deny(self, peer_id: str, *, seconds: float | None = None) -> None:
+        until = self.FOREVER if seconds is None else self._clock() + seconds
+        self._until[peer_id] = max(until, self._until.get(peer_id, 0.0))
+
+    def allow(self, peer_id: str) -> None:
+        self._until.pop(peer_id, None)
+
+    def allow_all(self) -> None:
+        self._until.clear()
+
+    def is_denied(self, peer_id: str) -> bool:
+        until = self._until.get(peer_id)
+        if until is None:
+            return False
+        if until <= self._clock():
+            del self._until[peer_id]
+            return False
+        return True
+
+    def denied(self) -> list[str]:
+        return [p for p in list(self._until) if self.is_denied(p)]
+
+
+class GatedSwarm(Swarm):
+    """A swarm that refuses denied peers on dial and on connection, both directions."""
+
+    gate: PeerGate
+
+    async def dial_peer(self, peer_id: ID) -> Any:
+        if self.gate.is_denied(str(peer_id)):
+            raise SwarmException(f"peer {peer_id} is denied by the gate")
+        return await super().dial_peer(peer_id)
+
+    async def add_conn(self, muxed_conn: Any, direction: str = "unknown") -> Any:
+        peer_id = muxed_conn.peer_id
+        if self.gate.is_denied(str(peer_id)):
+            logger.debug("closing %s connection from denied peer %s", direction, peer_id)
+            await muxed_conn.close()
+            raise SwarmException(f"peer {peer_id} is denied by the gate")
+        return await super().add_conn(muxed_conn, direction)
+
+    def clear_dial_failures(self) -> None:
+        """Forget recent dial failures (the swarm would otherwise refuse to redial for 60 s)."""
+        self._negative_peer_cache.clear()
+
+
+def libp2p_key_pair(identity: Identity) -> KeyPair:
+    private = Ed25519PrivateKey.new(identity.seed)
+    return KeyPair(private, private.get_public_key())
+
+
+def peer_id_of(public_key: bytes) -> str:
+    """The libp2p peer id (base58) of a 32-byte Ed25519 public key."""
+    if len(public_key) != 32:
+        raise UsageError("an Ed25519 public key is 32 bytes")
+    return str(ID.from_pubkey(Ed25519PublicKey.from_bytes(public_key)))
+
+
+def public_key_of(peer_id: str) -> bytes:
+    """The 32-byte Ed25519 public key inside a peer id; UsageError if it holds none."""
+    try:
+        key = ID.from_base58(peer_id).extract_public_key()
+    except (ValueError, KeyError) as err:
+        raise UsageError(f"not a peer id: {peer_id!r}") from err
+    if not isinstance(key, Ed25519PublicKey):
+        raise UsageError(f"peer id {peer_id} does not embed an Ed25519 key")
+    raw: bytes = key.to_bytes()
+    return raw
+
+
+def build_host(
+    identity: Identity,
+    listen_addrs: Sequence[str],
+    *,
+    gate: PeerGate,
+    limits: HostLimits,
+) -> BasicHost:
+    """A py-libp2p host speaking Noise + Yamux only, with the gate in its swarm."""
+    key_pair = libp2p_key_pair(identity)
+    peer_id = ID.from_pubkey(key_pair.public_key)
+    addrs = [multiaddr.Multiaddr(a) for a in listen_addrs]
+    secure: Any = {
+        TProtocol(NOISE_PROTOCOL_ID): NoiseTransport(
+            key_pair, noise_privkey=new_x25519_key_pair().private_key
+        )
+    }
+    muxers: Any = {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
+    upgrader = TransportUpgrader(
+        secure_transports_by_protocol=secure,
+        muxer_transports_by_protocol=muxers,
+        negotiate_timeout=int(limits.upgrade_timeout),
+    )
+    transports: list[Any] = []
+    if any(_is_ws(a) for a in addrs):
+        from libp2p.transport.websocket.transport import WebsocketTransport
+
+        transports.append(WebsocketTransport(upgrader))
+    if any(not _is_ws(a) for a in addrs) or not addrs:
+        transports.insert(0, TCP())
+    config = ConnectionConfig(
+        max_connections=limits.max_connections,
+        high_watermark=limits.max_connections,
+        low_watermark=min(100, limits.max_connections),
+        min_connections=0,
+        max_connections_per_peer=1,
+        dial_timeout=limits.dial_timeout,
+        inbound_upgrade_timeout=limits.upgrade_timeout,
+        outbound_upgrade_timeout=limits.upgrade_timeout,
+        outbound_stream_protocol_negotiation_timeout=limits.stream_negotiation_timeout,
+        inbound_stream_protocol_negotiation_timeout=limits.stream_negotiation_timeout,
+    )
+    peerstore = PeerStore()
+    peerstore.add_key_pair(peer_id, key_pair)
+    swarm = GatedSwarm(
+        peer_id,
+        peerstore,
+        upgrader,
+        transports=transports,
+        connection_config=config,
+        transport_manager=TransportManager(port_demuxers={}),
+    )
+    swarm.gate = gate
+    resource_manager = new_resource_manager()
+    swarm.set_resource_manager(resource_manager)
+    return BasicHost(network=swarm, resource_manager=resource_manager)
+
+
+def _is_ws(addr: multiaddr.Multiaddr) -> bool:
+    names = {p.name for p in addr.protocols()}
+    return "ws" in names or "wss" in names

@@ -1,0 +1,213 @@
+"""The Node: one host, one nursery, services composed by role.
+
+``async with open_node(config) as node:`` is the whole lifecycle. Leaving the block stops
+every task the node started, closes every connection and listener, and returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+
+from phala_p2p.config import NodeConfig, Role
+from phala_p2p.crypto.identity import Identity
+from phala_p2p.crypto.keyfile import load_or_create_identity
+from phala_p2p.errors import PeerUnreachable, UsageError
+from phala_p2p.net.discovery import Discovery, PeerRecord
+from phala_p2p.net.gossip import GossipMessage, GossipService, Subscription, Validation
+from phala_p2p.net.health import HealthMonitor
+from phala_p2p.net.host import PeerGate, build_host, peer_id_of
+from phala_p2p.net.logs import tame_libp2p_loggers
+from phala_p2p.net.metrics import Metrics, serve_prometheus
+from phala_p2p.net.reqresp import Handler, ProtocolLimits, RequestResponse, StreamHandler
+
+logger = logging.getLogger(__name__)
+
+
+class Node:
+    """A running peer. Create it with :func:`open_node`."""
+
+    def __init__(self, config: NodeConfig, identity: Identity) -> None:
+        self.config = config
+        self.identity = identity
+        self.role: Role = config.role
+        self.peer_id: str = peer_id_of(identity.public_key)
+        self.metrics = Metrics()
+        self.gate = PeerGate()
+        self.host: Any = build_host(identity, config.listen, gate=self.gate, limits=config.limits)
+        self._rr = RequestResponse(
+            self.host, self.metrics, negotiation_timeout=config.limits.stream_negotiation_timeout
+        )
+        self.gossip = GossipService(
+            self.host, identity, self.gate, self.metrics, config.gossip,
+            clock_ms=lambda: int(time.time() * 1000),
+            disconnect=self.disconnect,
+        )
+        self.health = HealthMonitor(
+            self._rr, self.metrics, config.health,
+            connected_peers=self.peers, disconnect=self.disconnect,
+        )
+        self.discovery = Discovery(
+            self._rr, self.metrics, self.gate,
+            me=self._record, bootstrap=config.bootstrap,
+            target_peers=config.discovery.target_peers, interval=config.discovery.interval,
+            connected_peers=self.peers, dial=self.connect,
+        )
+        self.metrics.gauge("peers", lambda: len(self.peers()))
+        self.metrics_port: int | None = None
+        self._nursery: trio.Nursery | None = None
+
+    def __repr__(self) -> str:
+        name = f" {self.config.name}" if self.config.name else ""
+        return f"<Node{name} {self.role.value} {self.peer_id[-8:]}>"
+
+    # -- identity and addresses ------------------------------------------------------------
+
+    @property
+    def public_key(self) -> bytes:
+        return self.identity.public_key
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        """Full multiaddrs others can dial, each ending in ``/p2p/<peer id>``."""
+        return [str(a) for a in self.host.get_addrs()]
+
+    def _record(self) -> PeerRecord:
+        plain = [a.rsplit("/p2p/", 1)[0] for a in self.listen_addrs]
+        return PeerRecord(self.peer_id, self.role.value, tuple(plain[:8]))
+
+    # -- connections -----------------------------------------------------------------------
+
+    def peers(self) -> list[str]:
+        """Peer ids with an open connection."""
+        return [str(p) for p, conns in list(self.host.get_network().connections.items()) if conns]
+
+    def is_connected(self, peer_id: str) -> bool:
+        return bool(self.host.get_network().connections.get(ID.from_base58(peer_id)))
+
+    async def connect(self, addr: str) -> str:
+        """Dial a full multiaddr (with ``/p2p/<id>``); returns the peer id."""
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as err:  # multiaddr raises assorted types for bad text
+            raise UsageError(f"not a dialable multiaddr with /p2p/<id>: {addr!r}") from err
+        peer = str(info.peer_id)
+        if peer == self.peer_id:
+            raise UsageError("a node cannot connect to itself")
+        if self.gate.is_denied(peer):
+            raise PeerUnreachable(f"{peer} is denied by this node's gate")
+        try:
+            with trio.fail_after(self.config.limits.dial_timeout + 1):
+                await self.host.connect(info)
+        except trio.TooSlowError as err:
+            raise PeerUnreachable(f"dialing {addr} timed out") from err
+        except (BaseLibp2pError, OSError) as err:
+            raise PeerUnreachable(f"cannot connect to {addr}: {err}") from err
+        return peer
+
+    async def disconnect(self, peer_id: str) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.host.disconnect(ID.from_base58(peer_id))
+            except BaseLibp2pError as err:
+                logger.debug("disconnect %s: %s", peer_id, err)
+
+    # -- gossip ----------------------------------------------------------------------------
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Sign and publish ``data`` on ``topic``; PublishError if it could not go out."""
+        await self.gossip.publish(topic, data)
+
+    async def subscribe(self, topic: str, *, buffer: int | None = None) -> Subscription:
+        """A bounded async iterator of validated messages on ``topic``."""
+        return await self.gossip.subscribe(topic, buffer=buffer)
+
+    def set_validator(self, topic: str, validator: Callable[[GossipMessage], Validation]) -> None:
+        self.gossip.set_validator(topic, validator)
+
+    # -- request-response and streams ------------------------------------------------------
+
+    def serve(self, protocol: str, handler: Handler, *, max_request: int = 1 << 20,
+              max_response: int = 1 << 20, handler_timeout: float = 30.0,
+              max_streams_per_peer: int = 16) -> None:
+        """Answer requests on ``protocol`` with ``async def handler(peer_id, request) -> bytes``."""
+        self._rr.serve(protocol, handler, ProtocolLimits(
+            max_request=max_request, max_response=max_response,
+            handler_timeout=handler_timeout, max_streams_per_peer=max_streams_per_peer))
+
+    def serve_stream(self, protocol: str, handler: StreamHandler, *, max_message: int = 1 << 20,
+                     max_streams_per_peer: int = 16) -> None:
+        """Hand each inbound stream on ``protocol`` (framed) to ``async def handler(stream)``."""
+        self._rr.serve_stream(protocol, handler, ProtocolLimits(
+            max_request=max_message, max_response=max_message,
+            max_streams_per_peer=max_streams_per_peer, handler_timeout=1e9))
+
+    async def request(self, peer_id: str, protocol: str, payload: bytes, *,
+                      timeout: float = 10.0, max_response: int | None = None) -> bytes:
+        """One request, one response, within ``timeout`` seconds; typed errors otherwise."""
+        return await self._rr.request(peer_id, protocol, payload, timeout=timeout,
+                                      max_response=max_response)
+
+    def open_stream(self, peer_id: str, protocol: str, *,
+                    max_message: int = 1 << 20) -> Any:
+        """``async with node.open_stream(peer, proto) as s:`` a framed stream for long exchanges."""
+        return self._rr.open_stream(peer_id, protocol, max_message=max_message)
+
+    # -- background work -------------------------------------------------------------------
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run a task in the node's nursery; it is cancelled when the node stops."""
+        if self._nursery is None:
+            raise UsageError("the node is not running")
+        self._nursery.start_soon(fn, *args)
+
+    async def _run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.gossip.run)
+            nursery.start_soon(self.health.run)
+            nursery.start_soon(self.discovery.run)
+            if self.config.metrics_port is not None:
+                self.metrics_port = await nursery.start(
+                    serve_prometheus, self.metrics, self.config.metrics_host,
+                    self.config.metrics_port,
+                )
+            task_status.started()
+
+
+@asynccontextmanager
+async def open_node(config: NodeConfig | None = None) -> AsyncIterator[Node]:
+    """Start a node, yield it, and stop it cleanly when the block ends."""
+    config = config or NodeConfig()
+    tame_libp2p_loggers()
+    if config.data_dir is not None:
+        identity = load_or_create_identity(config.data_dir)
+    else:
+        identity = Identity.generate()
+    node = Node(config, identity)
+    async with node.host.run([multiaddr.Multiaddr(a) for a in config.listen]):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node._run)
+            logger.info("%s listening on %s", node, ", ".join(node.listen_addrs))
+            try:
+                yield node
+            finally:
+                nursery.cancel_scope.cancel()
+                node._nursery = None
+        # Close connections while the host's background tasks still run, so every
+        # transport (WebSocket included) shuts its sockets down properly.
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            async with trio.open_nursery() as closing:
+                for peer in node.peers():
+                    closing.start_soon(node.disconnect, peer)
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await node.host.close()

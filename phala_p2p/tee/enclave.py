@@ -1,0 +1,509 @@
+"""The enclave boundary, host side: the :class:`Enclave` interface and :class:`SimulatedEnclave`.
+
+The node never holds an enclave secret nor job plaintext. It talks to its enclave over a local
+channel (:mod:`phala_p2p.tee.channel`) that carries only public data (keys, measurement, quotes,
+receipts) and ciphertext (sealed modules, inputs and outputs). Job errors come back as the same
+typed errors (:class:`~phala_p2p.errors.Trap`, :class:`~phala_p2p.errors.FuelExhausted`, ...)
+and the enclave keeps serving.
+
+:func:`open_simulated_enclave` starts the simulated enclave in its own OS process::
+
+    async with open_simulated_enclave(EnclaveConfig(dev_root_seed=seed)) as enclave:
+        info = await enclave.info()
+        raw_quote = await enclave.quote(nonce)
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+import logging
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from phala_p2p.errors import EnclaveError, P2PError, ProtocolViolation, UsageError
+from phala_p2p.tee.channel import (
+    FrameDecoder,
+    error_from_wire,
+    get_bytes,
+    get_int,
+    get_str,
+    pack_frame,
+)
+from phala_p2p.tee.enclave_main import max_frame_for
+from phala_p2p.tee.executor import ABI_VERSION, ExecutorLimits
+from phala_p2p.tee.messages import AttestRequest, AttestResponse, SessionOffer
+from phala_p2p.tee.quote import MAX_NONCE_LEN, SIM_PLATFORM, UsageReceipt
+from phala_p2p.tee.sealing import JOB_ID_LEN, SESSION_ID_LEN
+from phala_p2p.wire.codec import decode
+
+__all__ = [
+    "Enclave",
+    "EnclaveConfig",
+    "EnclaveInfo",
+    "SealedResult",
+    "SessionOffer",
+    "SimulatedEnclave",
+    "Transcript",
+    "answer_attest",
+    "open_simulated_enclave",
+]
+
+log = logging.getLogger(__name__)
+
+# Called with (direction, bytes) for every chunk crossing the boundary; direction is one of
+# "to_enclave", "from_enclave", "enclave_stderr".
+Transcript = Callable[[str, bytes], None]
+
+_BOOT: Final = Path(__file__).resolve().parent / "enclave_boot.py"
+_STDERR_TAIL: Final = 4096
+_READ_CHUNK: Final = 1 << 16
+
+
+@dataclass(frozen=True)
+class EnclaveConfig:
+    """How to start a simulated enclave.
+
+    ``dev_root_seed`` is the seed of the dev attestation root named in genesis. The simulated
+    enclave signs its quotes with it, so anyone holding it (the miner included) could forge
+    quotes: that is what makes the platform a simulation, fit for devnets and tests only.
+    """
+
+    dev_root_seed: bytes
+    limits: ExecutorLimits = field(default_factory=ExecutorLimits)
+    python: str = sys.executable
+    start_timeout_s: float = 30.0
+    stop_timeout_s: float = 5.0
+    max_in_flight: int = 64
+    benchmark_fuel: int = 200_000_000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dev_root_seed, bytes) or len(self.dev_root_seed) != 32:
+            raise UsageError("EnclaveConfig.dev_root_seed must be 32 bytes")
+        if not isinstance(self.limits, ExecutorLimits):
+            raise UsageError("EnclaveConfig.limits must be an ExecutorLimits")
+        for name in ("start_timeout_s", "stop_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value <= 0:
+                raise UsageError(f"EnclaveConfig.{name} must be positive")
+        if not isinstance(self.max_in_flight, int) or not 1 <= self.max_in_flight <= 4096:
+            raise UsageError("EnclaveConfig.max_in_flight must be in 1..4096")
+        bf = self.benchmark_fuel
+        if not isinstance(bf, int) or not 1 <= bf <= self.limits.max_fuel:
+            raise UsageError("EnclaveConfig.benchmark_fuel must be in 1..limits.max_fuel")
+
+    def __repr__(self) -> str:  # the seed stays out of logs
+        return f"EnclaveConfig(limits={self.limits!r}, python={self.python!r})"
+
+
+@dataclass(frozen=True)
+class EnclaveInfo:
+    """The enclave's public data: what a quote binds and what clients encrypt to."""
+
+    platform: str
+    identity_pub: bytes
+    x25519_pub: bytes
+    measurement: bytes
+    abi_version: int
+    limits: ExecutorLimits
+    root_pub: bytes
+
+
+@dataclass(frozen=True)
+class SealedResult:
+    """A job's output, sealed to the client, and the enclave-signed usage receipt."""
+
+    sealed_output: bytes
+    receipt: UsageReceipt
+
+
+class Enclave(abc.ABC):
+    """What a node can ask of its enclave. Every method may raise EnclaveError."""
+
+    @abc.abstractmethod
+    async def info(self) -> EnclaveInfo:
+        """Public keys, measurement and limits."""
+
+    @abc.abstractmethod
+    async def quote(self, nonce: bytes = b"") -> bytes:
+        """A fresh raw quote whose report data binds the enclave's keys and ``nonce``."""
+
+    @abc.abstractmethod
+    async def benchmark(self) -> float:
+        """Fuel per second that the enclave's executor sustains."""
+
+    @abc.abstractmethod
+    async def open_session(self, client_pub: bytes) -> SessionOffer:
+        """Start a job session with a client's ephemeral X25519 key."""
+
+    @abc.abstractmethod
+    async def run_sealed(
+        self,
+        session_id: bytes,
+        job_id: bytes,
+        sealed_module: bytes,
+        sealed_input: bytes,
+        max_fuel: int,
+    ) -> SealedResult:
+        """Run one sealed job; raises the job's typed ExecutionError if it fails."""
+
+    @abc.abstractmethod
+    async def close_session(self, session_id: bytes) -> None:
+        """Forget a session's keys."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Stop the enclave."""
+
+
+class _Pending:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: dict[str, Any] | None = None
+        self.error: P2PError | None = None
+
+
+class SimulatedEnclave(Enclave):
+    """Host side of a simulated enclave process. Create it with :func:`open_simulated_enclave`."""
+
+    def __init__(self, config: EnclaveConfig, transcript: Transcript | None = None) -> None:
+        self._config = config
+        self._transcript = transcript
+        self._max_frame = max_frame_for(config.limits)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._in_flight = trio.Semaphore(config.max_in_flight)
+        self._send_frames, self._frames_to_send = trio.open_memory_channel[bytes](
+            config.max_in_flight
+        )
+        self._process: trio.Process | None = None
+        self._info: EnclaveInfo | None = None
+        self._closed = False
+        self._dead: EnclaveError | None = None
+        self._stderr_tail = bytearray()
+        self._exited = trio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        cmd = [self._config.python, "-I", str(_BOOT)]
+        try:
+            process = await trio.lowlevel.open_process(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        except OSError as err:
+            raise EnclaveError(f"cannot start the enclave process: {err}") from err
+        self._process = process
+        nursery.start_soon(self._writer)
+        nursery.start_soon(self._reader)
+        nursery.start_soon(self._stderr_reader)
+        limits = self._config.limits
+        init = {
+            "platform": SIM_PLATFORM,
+            "dev_root_seed": self._config.dev_root_seed,
+            "limits": limits.canonical(),
+        }
+        with trio.move_on_after(self._config.start_timeout_s) as scope:
+            result = await self._call("init", init)
+        if scope.cancelled_caught:
+            raise EnclaveError("enclave process did not start in time")
+        self._info = _info_from_wire(result, limits)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode if self._process is not None else None
+
+    async def aclose(self) -> None:
+        """Stop the enclave process: close its stdin (it exits on EOF), or kill it."""
+        if self._closed:
+            await self._exited.wait()
+            return
+        self._closed = True
+        process = self._process
+        with trio.CancelScope(shield=True):
+            await self._send_frames.aclose()
+            if process is not None:
+                with trio.move_on_after(self._config.stop_timeout_s):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            self._fail_all(EnclaveError("enclave is closed"))
+            self._exited.set()
+
+    # -- background tasks --------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        assert self._process is not None
+        assert self._process.stdin is not None
+        stdin = self._process.stdin
+        try:
+            async with self._frames_to_send:
+                async for frame in self._frames_to_send:
+                    self._record("to_enclave", frame)
+                    await stdin.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._mark_dead("enclave process stopped reading its input")
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await stdin.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+
+    async def _reader(self) -> None:
+        assert self._process is not None
+        assert self._process.stdout is not None
+        stdout = self._process.stdout
+        decoder = FrameDecoder(max_frame=self._max_frame)
+        try:
+            while True:
+                chunk = await stdout.receive_some(_READ_CHUNK)
+                if not chunk:
+                    break
+                self._record("from_enclave", chunk)
+                for response in decoder.feed(chunk):
+                    self._deliver(response)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except ProtocolViolation as err:
+            self._mark_dead(f"enclave sent a malformed frame: {err}")
+            if self._process is not None and self._process.returncode is None:
+                self._process.kill()
+            return
+        if self._process is not None:
+            await self._process.wait()
+        code = self._process.returncode if self._process is not None else None
+        tail = bytes(self._stderr_tail).decode("utf-8", "replace").strip()
+        self._mark_dead(
+            f"enclave process exited (code {code})" + (f": {tail[-500:]}" if tail else "")
+        )
+
+    async def _stderr_reader(self) -> None:
+        assert self._process is not None
+        assert self._process.stderr is not None
+        stderr = self._process.stderr
+        try:
+            while True:
+                chunk = await stderr.receive_some(_READ_CHUNK)
+                if not chunk:
+                    return
+                self._record("enclave_stderr", chunk)
+                self._stderr_tail += chunk
+                del self._stderr_tail[:-_STDERR_TAIL]
+                log.debug("enclave stderr: %r", chunk[:200])
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+    def _record(self, direction: str, chunk: bytes) -> None:
+        if self._transcript is not None:
+            self._transcript(direction, bytes(chunk))
+
+    def _deliver(self, response: Any) -> None:
+        if (
+            not isinstance(response, list)
+            or len(response) != 3
+            or isinstance(response[0], bool)
+            or not isinstance(response[0], int)
+            or response[1] not in (0, 1)
+        ):
+            raise ProtocolViolation("malformed response frame")
+        rid, failed, body = response
+        pending = self._pending.get(rid)
+        if pending is None:
+            return  # the caller gave up (cancelled); the answer is dropped
+        if failed:
+            pending.error = error_from_wire(body)
+        elif isinstance(body, dict):
+            pending.result = body
+        else:
+            pending.error = ProtocolViolation("malformed result in enclave response")
+        pending.done.set()
+
+    def _mark_dead(self, reason: str) -> None:
+        if self._dead is None:
+            self._dead = EnclaveError(reason)
+            if not self._closed:
+                log.warning("%s", reason)
+        self._fail_all(self._dead)
+
+    def _fail_all(self, err: EnclaveError) -> None:
+        for pending in self._pending.values():
+            if not pending.done.is_set():
+                pending.error = EnclaveError(str(err))  # one instance per waiting task
+                pending.done.set()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def _call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if self._closed:
+            raise EnclaveError("enclave is closed")
+        if self._dead is not None:
+            raise EnclaveError(str(self._dead))
+        async with self._in_flight:
+            rid = next(self._ids)
+            frame = pack_frame([rid, op, args], max_frame=self._max_frame)
+            pending = _Pending()
+            self._pending[rid] = pending
+            try:
+                try:
+                    await self._send_frames.send(frame)
+                except (trio.ClosedResourceError, trio.BrokenResourceError) as err:
+                    raise EnclaveError("enclave is closed") from err
+                await pending.done.wait()
+            finally:
+                del self._pending[rid]
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    async def info(self) -> EnclaveInfo:
+        if self._info is None:
+            raise EnclaveError("enclave is not started")
+        return self._info
+
+    async def quote(self, nonce: bytes = b"") -> bytes:
+        if not isinstance(nonce, bytes) or len(nonce) > MAX_NONCE_LEN:
+            raise UsageError(f"nonce must be at most {MAX_NONCE_LEN} bytes")
+        result = await self._call("quote", {"nonce": nonce})
+        return _field(get_bytes, result, "quote", max_len=4096)
+
+    async def benchmark(self) -> float:
+        result = await self._call("benchmark", {"fuel": self._config.benchmark_fuel})
+        value = result.get("fuel_per_s")
+        if not isinstance(value, float) or not value > 0:
+            raise EnclaveError("enclave returned a malformed benchmark")
+        return value
+
+    async def open_session(self, client_pub: bytes) -> SessionOffer:
+        if not isinstance(client_pub, bytes) or len(client_pub) != 32:
+            raise UsageError("client_pub must be a 32-byte X25519 public key")
+        result = await self._call("open_session", {"client_pub": client_pub})
+        return SessionOffer(
+            session_id=_field(get_bytes, result, "session_id", min_len=16, max_len=16),
+            enclave_pub=_field(get_bytes, result, "enclave_pub", min_len=32, max_len=32),
+            signature=_field(get_bytes, result, "signature", min_len=64, max_len=64),
+        )
+
+    async def run_sealed(
+        self,
+        session_id: bytes,
+        job_id: bytes,
+        sealed_module: bytes,
+        sealed_input: bytes,
+        max_fuel: int,
+    ) -> SealedResult:
+        if not isinstance(session_id, bytes) or len(session_id) != SESSION_ID_LEN:
+            raise UsageError(f"session_id must be {SESSION_ID_LEN} bytes")
+        if not isinstance(job_id, bytes) or len(job_id) != JOB_ID_LEN:
+            raise UsageError(f"job_id must be {JOB_ID_LEN} bytes")
+        if not isinstance(sealed_module, bytes) or not isinstance(sealed_input, bytes):
+            raise UsageError("sealed_module and sealed_input must be bytes")
+        limits = self._config.limits
+        if isinstance(max_fuel, bool) or not isinstance(max_fuel, int):
+            raise UsageError("max_fuel must be an int")
+        if not 1 <= max_fuel <= limits.max_fuel:
+            raise UsageError(f"max_fuel must be in 1..{limits.max_fuel}")
+        result = await self._call(
+            "run_sealed",
+            {
+                "session_id": session_id,
+                "job_id": job_id,
+                "sealed_module": sealed_module,
+                "sealed_input": sealed_input,
+                "max_fuel": max_fuel,
+            },
+        )
+        sealed_output = _field(get_bytes, result, "sealed_output", max_len=self._max_frame)
+        raw_receipt = _field(get_bytes, result, "receipt", max_len=4096)
+        try:
+            receipt = decode(raw_receipt, max_size=4096, expect=UsageReceipt)
+        except ProtocolViolation as err:
+            raise EnclaveError(f"enclave returned a malformed receipt: {err}") from err
+        return SealedResult(sealed_output=sealed_output, receipt=receipt)
+
+    async def close_session(self, session_id: bytes) -> None:
+        if not isinstance(session_id, bytes) or len(session_id) != SESSION_ID_LEN:
+            raise UsageError(f"session_id must be {SESSION_ID_LEN} bytes")
+        await self._call("close_session", {"session_id": session_id})
+
+
+def _field(getter: Callable[..., bytes], result: dict[str, Any], name: str, **kw: int) -> bytes:
+    try:
+        return getter(result, name, **kw)
+    except ProtocolViolation as err:
+        raise EnclaveError(f"enclave returned a malformed answer: {err}") from err
+
+
+def _info_from_wire(result: dict[str, Any], limits: ExecutorLimits) -> EnclaveInfo:
+    try:
+        platform = get_str(result, "platform", max_len=8)
+        abi = get_int(result, "abi_version", lo=0, hi=2**31)
+        info = EnclaveInfo(
+            platform=platform,
+            identity_pub=get_bytes(result, "identity_pub", min_len=32, max_len=32),
+            x25519_pub=get_bytes(result, "x25519_pub", min_len=32, max_len=32),
+            measurement=get_bytes(result, "measurement", min_len=32, max_len=32),
+            abi_version=abi,
+            limits=limits,
+            root_pub=get_bytes(result, "root_pub", min_len=32, max_len=32),
+        )
+    except ProtocolViolation as err:
+        raise EnclaveError(f"enclave returned malformed info: {err}") from err
+    if result.get("limits") != limits.canonical():
+        raise EnclaveError("enclave runs with other limits than requested")
+    if platform != SIM_PLATFORM or abi != ABI_VERSION:
+        raise EnclaveError(f"enclave reports platform {platform!r}, ABI {abi}")
+    return info
+
+
+async def answer_attest(
+    enclave: Enclave, request: AttestRequest, *, collateral: str = ""
+) -> AttestResponse:
+    """The miner's answer to ``/phala/attest/1.0.0``: a fresh quote bound to the nonce.
+
+    ``collateral`` is the DCAP collateral JSON for SGX/TDX enclaves (empty for SIM).
+    """
+    info = await enclave.info()
+    raw = await enclave.quote(request.nonce)
+    return AttestResponse(
+        platform=info.platform,
+        quote=raw,
+        collateral=collateral,
+        identity_pub=info.identity_pub,
+        x25519_pub=info.x25519_pub,
+    )
+
+
+@asynccontextmanager
+async def open_simulated_enclave(
+    config: EnclaveConfig, *, transcript: Transcript | None = None
+) -> AsyncIterator[SimulatedEnclave]:
+    """Start a simulated enclave process; stop it (and reap it) on exit.
+
+    ``transcript``, if given, is called with every chunk of bytes crossing the boundary.
+    """
+    if not isinstance(config, EnclaveConfig):
+        raise UsageError("config must be an EnclaveConfig")
+    async with trio.open_nursery() as nursery:
+        enclave = SimulatedEnclave(config, transcript)
+        try:
+            await enclave._start(nursery)
+            yield enclave
+        finally:
+            await enclave.aclose()
+            nursery.cancel_scope.cancel()

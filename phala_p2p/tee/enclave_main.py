@@ -1,0 +1,346 @@
+"""The simulated enclave: a separate OS process that owns the keys and runs the jobs.
+
+It speaks the framed msgpack protocol of :mod:`phala_p2p.tee.channel` on its stdin/stdout (the
+real stdout is kept for frames; ``print`` goes to stderr). The first request must be ``init``,
+which carries the executor limits and, on the simulated platform, the seed of the dev
+attestation root. Then it generates its keys (an Ed25519 identity and an X25519 key) inside,
+computes its measurement and serves requests until its stdin reaches EOF, which is also what
+happens when its parent dies.
+
+Only public data and ciphertext leave this process: public keys, the measurement, quotes,
+session offers, sealed outputs, signed receipts and error messages (which never quote job
+data). Job errors are answered as typed error codes and the process keeps serving.
+
+Threads: the main thread reads requests and answers the quick ones; jobs and the benchmark run
+one at a time on a worker thread fed by a bounded queue (a full queue is answered "busy").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import sys
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Final
+
+import nacl.public
+
+from phala_p2p.crypto.identity import Identity
+from phala_p2p.errors import EnclaveError, P2PError, ProtocolViolation, UsageError
+from phala_p2p.tee.channel import (
+    FrameDecoder,
+    error_to_wire,
+    get_bytes,
+    get_int,
+    get_str,
+    pack_frame,
+)
+from phala_p2p.tee.executor import ABI_VERSION, ExecutorLimits, WasmExecutor
+from phala_p2p.tee.measurement import compute_measurement
+from phala_p2p.tee.quote import (
+    MAX_NONCE_LEN,
+    SIM_PLATFORM,
+    UsageReceipt,
+    make_report_data,
+    sign_receipt,
+    sign_sim_quote,
+)
+from phala_p2p.tee.sealing import (
+    JOB_ID_LEN,
+    SEAL_OVERHEAD,
+    SESSION_ID_LEN,
+    EnclaveSession,
+    offer_signing_bytes,
+    open_sealed,
+    seal,
+)
+from phala_p2p.wire.codec import encode
+
+__all__ = ["EnclaveServer", "main"]
+
+MAX_SESSIONS: Final = 1024
+JOB_QUEUE: Final = 8
+_READ_CHUNK: Final = 1 << 16
+_INIT_MAX_FRAME: Final = 64 * 1024
+_QUICK_OPS: Final = frozenset({"info", "quote", "open_session", "close_session"})
+_WORKER_OPS: Final = frozenset({"run_sealed", "benchmark"})
+
+
+class EnclaveServer:
+    """The request loop of the enclave process (reads ``in_fd``, writes frames to ``out_fd``)."""
+
+    def __init__(self, in_fd: int, out_fd: int) -> None:
+        self._in_fd = in_fd
+        self._out_fd = out_fd
+        self._write_lock = threading.Lock()
+        self._sessions: OrderedDict[bytes, EnclaveSession] = OrderedDict()
+        self._sessions_lock = threading.Lock()
+        self._jobs: queue.Queue[tuple[int, str, dict[str, Any]] | None] = queue.Queue(JOB_QUEUE)
+        self._max_frame = _INIT_MAX_FRAME
+        self._identity = Identity.generate()
+        self._x25519 = nacl.public.PrivateKey.generate()
+        self._limits = ExecutorLimits()
+        self._executor: WasmExecutor | None = None
+        self._root: Identity | None = None
+        self._measurement = b""
+
+    # -- io ----------------------------------------------------------------------------------
+
+    def _send(self, obj: Any) -> None:
+        frame = pack_frame(obj, max_frame=self._max_frame)
+        with self._write_lock:
+            view = memoryview(frame)
+            while view:
+                written = os.write(self._out_fd, view)
+                view = view[written:]
+
+    def _reply_ok(self, rid: int, result: dict[str, Any]) -> None:
+        self._send([rid, 0, result])
+
+    def _reply_err(self, rid: int, err: P2PError) -> None:
+        self._send([rid, 1, error_to_wire(err)])
+
+    def serve(self) -> int:
+        """Serve until EOF on the input. Returns the process exit code."""
+        decoder = FrameDecoder(max_frame=self._max_frame)
+        worker = threading.Thread(target=self._worker, name="enclave-jobs", daemon=True)
+        started = False
+        try:
+            while True:
+                chunk = os.read(self._in_fd, _READ_CHUNK)
+                if not chunk:
+                    return 0
+                for request in decoder.feed(chunk):
+                    rid, op, args = _parse_request(request)
+                    if not started:
+                        if op != "init":
+                            raise ProtocolViolation("the first request must be init")
+                        self._dispatch_quick(rid, op, args)
+                        decoder.set_max_frame(self._max_frame)
+                        worker.start()
+                        started = True
+                    elif op in _WORKER_OPS:
+                        try:
+                            self._jobs.put_nowait((rid, op, args))
+                        except queue.Full:
+                            self._reply_err(rid, EnclaveError("enclave is busy: job queue full"))
+                    else:
+                        self._dispatch_quick(rid, op, args)
+        except ProtocolViolation as err:
+            # The host broke the channel: nothing sensible can follow on this stream.
+            sys.stderr.write(f"enclave: channel violation: {err}\n")
+            return 2
+        except (BrokenPipeError, OSError) as err:
+            sys.stderr.write(f"enclave: channel closed: {type(err).__name__}\n")
+            return 0
+        finally:
+            if started:
+                try:
+                    self._jobs.put_nowait(None)
+                except queue.Full:
+                    pass  # the process exits right after; the worker is a daemon
+
+    def _worker(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            rid, op, args = item
+            try:
+                self._answer(rid, op, args)
+            except OSError:
+                return
+
+    def _dispatch_quick(self, rid: int, op: str, args: dict[str, Any]) -> None:
+        if op != "init" and op not in _QUICK_OPS:
+            self._reply_err(rid, ProtocolViolation(f"unknown operation {op!r}", reason="unknown"))
+            return
+        self._answer(rid, op, args)
+
+    def _answer(self, rid: int, op: str, args: dict[str, Any]) -> None:
+        try:
+            handler = getattr(self, f"_op_{op}")
+            result = handler(args)
+        except P2PError as err:
+            self._reply_err(rid, err)
+        except Exception as err:  # a bug must not take the enclave down, nor leak data
+            sys.stderr.write(f"enclave: internal error in {op}: {type(err).__name__}\n")
+            self._reply_err(rid, EnclaveError(f"internal error in {op}: {type(err).__name__}"))
+        else:
+            self._reply_ok(rid, result)
+
+    # -- operations --------------------------------------------------------------------------
+
+    def _op_init(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self._executor is not None:
+            raise UsageError("enclave is already initialised")
+        platform = get_str(args, "platform", max_len=8)
+        if platform != SIM_PLATFORM:
+            raise UsageError(f"this enclave only simulates the {SIM_PLATFORM} platform")
+        self._root = Identity.from_seed(get_bytes(args, "dev_root_seed", min_len=32, max_len=32))
+        raw_limits = args.get("limits")
+        if not isinstance(raw_limits, dict):
+            raise ProtocolViolation("init.limits must be a map")
+        self._limits = _limits_from_wire(raw_limits)
+        self._executor = WasmExecutor(self._limits)
+        self._measurement = compute_measurement(self._limits)
+        self._max_frame = max_frame_for(self._limits)
+        return self._info()
+
+    def _info(self) -> dict[str, Any]:
+        return {
+            "platform": SIM_PLATFORM,
+            "identity_pub": self._identity.public_key,
+            "x25519_pub": bytes(self._x25519.public_key),
+            "measurement": self._measurement,
+            "abi_version": ABI_VERSION,
+            "limits": self._limits.canonical(),
+            "root_pub": self._root.public_key if self._root is not None else b"",
+        }
+
+    def _op_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self._info()
+
+    def _op_quote(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self._root is not None
+        nonce = get_bytes(args, "nonce", max_len=MAX_NONCE_LEN)
+        report_data = make_report_data(
+            self._identity.public_key, bytes(self._x25519.public_key), nonce=nonce
+        )
+        raw = sign_sim_quote(self._root, self._measurement, report_data, int(time.time()))
+        return {"quote": raw}
+
+    def _op_open_session(self, args: dict[str, Any]) -> dict[str, Any]:
+        client_pub = get_bytes(args, "client_pub", min_len=32, max_len=32)
+        session = EnclaveSession(client_pub)
+        signature = self._identity.sign(
+            offer_signing_bytes(client_pub, session.public_key, self._measurement)
+        )
+        with self._sessions_lock:
+            self._sessions[session.session_id] = session
+            while len(self._sessions) > MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+        return {
+            "session_id": session.session_id,
+            "enclave_pub": session.public_key,
+            "signature": signature,
+        }
+
+    def _op_close_session(self, args: dict[str, Any]) -> dict[str, Any]:
+        session_id = get_bytes(args, "session_id", min_len=SESSION_ID_LEN, max_len=SESSION_ID_LEN)
+        with self._sessions_lock:
+            self._sessions.pop(session_id, None)
+        return {}
+
+    def _op_benchmark(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self._executor is not None
+        fuel = get_int(args, "fuel", lo=1, hi=self._limits.max_fuel)
+        return {"fuel_per_s": self._executor.benchmark(fuel=fuel)}
+
+    def _op_run_sealed(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self._executor is not None
+        limits = self._limits
+        session_id = get_bytes(args, "session_id", min_len=SESSION_ID_LEN, max_len=SESSION_ID_LEN)
+        job_id = get_bytes(args, "job_id", min_len=JOB_ID_LEN, max_len=JOB_ID_LEN)
+        sealed_module = get_bytes(
+            args, "sealed_module", max_len=limits.max_module_bytes + SEAL_OVERHEAD
+        )
+        sealed_input = get_bytes(args, "sealed_input", max_len=limits.max_input + SEAL_OVERHEAD)
+        max_fuel = get_int(args, "max_fuel", lo=1, hi=limits.max_fuel)
+        with self._sessions_lock:
+            session = self._sessions.get(session_id)
+        if session is None:
+            raise ProtocolViolation("unknown or closed session", reason="unknown-session")
+        keys = session.keys
+        module = open_sealed(keys.to_enclave, session_id, job_id, b"module", sealed_module)
+        data = open_sealed(keys.to_enclave, session_id, job_id, b"input", sealed_input)
+        with self._sessions_lock:
+            session.claim_job(job_id)
+        result = self._executor.run(module, data, fuel=max_fuel)
+        sealed_output = seal(keys.to_client, session_id, job_id, b"output", result.output)
+        receipt = sign_receipt(
+            self._identity,
+            UsageReceipt(
+                session_id=session_id,
+                job_id=job_id,
+                measurement=self._measurement,
+                module_hash=hashlib.sha256(module).digest(),
+                fuel_limit=max_fuel,
+                fuel_used=result.fuel_used,
+                bytes_in=len(module) + len(data),
+                bytes_out=len(result.output),
+                output_hash=hashlib.blake2b(result.output, digest_size=32).digest(),
+                enclave=self._identity.public_key,
+            ),
+        )
+        return {"sealed_output": sealed_output, "receipt": encode(receipt)}
+
+
+def max_frame_for(limits: ExecutorLimits) -> int:
+    """The channel's frame cap for these limits: the largest request plus headroom."""
+    largest = max(limits.max_module_bytes + limits.max_input, limits.max_output)
+    return largest + 2 * SEAL_OVERHEAD + 64 * 1024
+
+
+def _limits_from_wire(raw: dict[str, Any]) -> ExecutorLimits:
+    expected = set(ExecutorLimits().canonical())
+    if set(raw) != expected:
+        raise ProtocolViolation("init.limits has unexpected or missing fields")
+    values: dict[str, int | float] = {}
+    for name in expected:
+        value = raw[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ProtocolViolation(f"init.limits.{name} must be a number")
+        values[name] = value
+    try:
+        return ExecutorLimits(
+            max_fuel=_as_int(values["max_fuel"]),
+            memory_cap_bytes=_as_int(values["memory_cap_bytes"]),
+            wall_clock_s=float(values["wall_clock_s"]),
+            max_input=_as_int(values["max_input"]),
+            max_output=_as_int(values["max_output"]),
+            max_module_bytes=_as_int(values["max_module_bytes"]),
+            max_wasm_stack=_as_int(values["max_wasm_stack"]),
+            module_cache_size=_as_int(values["module_cache_size"]),
+        )
+    except UsageError as err:
+        raise ProtocolViolation(f"init.limits are invalid: {err}") from err
+
+
+def _as_int(value: int | float) -> int:
+    if not isinstance(value, int):
+        raise ProtocolViolation("limit must be an integer")
+    return value
+
+
+def _parse_request(request: Any) -> tuple[int, str, dict[str, Any]]:
+    if (
+        not isinstance(request, list)
+        or len(request) != 3
+        or isinstance(request[0], bool)
+        or not isinstance(request[0], int)
+        or not 0 <= request[0] < 2**63
+        or not isinstance(request[1], str)
+        or len(request[1]) > 32
+        or not isinstance(request[2], dict)
+    ):
+        raise ProtocolViolation("malformed request frame")
+    return request[0], request[1], request[2]
+
+
+def main() -> int:
+    """Run the enclave on stdin/stdout; stdout is reserved for frames."""
+    out_fd = os.dup(1)
+    os.dup2(2, 1)  # anything printed goes to stderr, never into the channel
+    sys.stdout = sys.stderr
+    code = EnclaveServer(0, out_fd).serve()
+    sys.stderr.flush()
+    # Exit now, even if a job is still running on the worker thread: the host has gone.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
