@@ -51,15 +51,13 @@ async def _collect(receive, n_expected: int, latencies: list[float], sent_at: di
 
 async def run_raw(peers: int, count: int, fixed: bool) -> dict[str, float]:
     async with raw_hosts(peers, fixed_dial=True) as hosts:
-        for i in range(peers):
-            for j in range(i + 1, peers):
-                await dial(hosts[i], hosts[j])
         async with raw_gossip(hosts, fixed=fixed) as pubsubs:
+            for i in range(peers):
+                for j in range(i + 1, peers):
+                    await dial(hosts[i], hosts[j])
             subs = [await ps.subscribe(TOPIC) for ps in pubsubs[1:]]
             await wait_until(lambda: all(len(ps.peer_topics.get(TOPIC, ())) >= peers - 2
                                          for ps in pubsubs[1:]), 30)
-            if fixed:
-                await wait_until(lambda: len(pubsubs[0].router.mesh.get(TOPIC, ())) >= 4, 10)
             sent_at: dict[bytes, float] = {}
             latencies: list[float] = []
             cpu0 = time.process_time()

@@ -30,6 +30,7 @@ from typing import Any
 import trio
 
 from phala_p2p.config import DiscoveryConfig, NodeConfig, Role
+from phala_p2p.net.health import HealthConfig
 from phala_p2p.crypto.identity import Identity
 from phala_p2p.crypto.keyfile import KEY_FILE_NAME, save_identity
 from phala_p2p.errors import P2PError, UsageError
@@ -264,7 +265,11 @@ async def open_devnet(
     root = Path(tempfile.mkdtemp(prefix="phala-devnet-")) if own_root else Path(data_root)
     root.mkdir(parents=True, exist_ok=True)
     seed_bytes = seed if seed is not None else os.urandom(16)
-    discovery = DiscoveryConfig(target_peers=max(12, peers + 1), interval=0.5)
+    discovery = DiscoveryConfig(target_peers=max(1, peers), interval=0.5)
+    # Every node of an in-process devnet shares one event loop (and, here, two cores):
+    # a heavy test can delay a ping by seconds, so pings here forgive more than the
+    # default (one node per process). Pass ``configure`` to test health itself.
+    health = HealthConfig(interval=1.0, dead_after=15.0)
     try:
         async with trio.open_nursery() as nursery:
             net = Devnet(nursery, root)
@@ -274,7 +279,8 @@ async def open_devnet(
                 if not (data_dir / KEY_FILE_NAME).exists():
                     save_identity(data_dir / KEY_FILE_NAME, derive_identity(seed_bytes, i))
                 cfg = NodeConfig(role=node_role, data_dir=data_dir, bootstrap=bootstrap,
-                                 name=f"{node_role.value}-{i}", discovery=discovery)
+                                 name=f"{node_role.value}-{i}", discovery=discovery,
+                                 health=health)
                 return configure(i, cfg) if configure else cfg
 
             net.bootstrap = await net.start_node(make_config(0, Role.BOOTSTRAP, ()))

@@ -7,9 +7,10 @@ of the height's gatekeeper power, "f+1" more than 1/3. Rule numbers in comments 
 paper's Algorithm 1 (lines 22-67); protocols/consensus.md lists them all.
 
 Crash safety: before any signature leaves the machine it returns ``PersistSigned`` with the
-(height, round, step) it is about to sign and its lock; the driver stores it durably before
-carrying out the following ``Broadcast``. Built from that record after a restart, the machine
-never signs a different message for a slot it signed before, nor forgets a lock.
+(height, round, step) it signed, its lock, and the signed message; the driver stores it durably
+before carrying out the following ``Broadcast``. Built from that record after a restart, the
+machine never signs a different message for a slot it signed before, never forgets a lock, and
+can publish again what it had signed (others may need those messages to move on).
 """
 
 from __future__ import annotations
@@ -31,11 +32,18 @@ from phala_p2p.chain.block import (
     vote_sign_bytes,
 )
 from phala_p2p.chain.evidence import DoubleSignEvidence
+from phala_p2p.chain.params import ChainParams
 from phala_p2p.chain.tx import Signer, Tx
 from phala_p2p.chain.validators import ValidatorSet
 from phala_p2p.chain.view import ChainView
+from phala_p2p.chain.votes import NO_MAJORITY, VoteSet, majority
 from phala_p2p.crypto.identity import verify_signature
 from phala_p2p.errors import ProtocolViolation, UsageError
+
+
+def consensus_message_limit(params: ChainParams) -> int:
+    """Decode bound for a message on ``phala/consensus/1`` (a proposal carries a block)."""
+    return params.max_block_bytes + 64 * 1024
 
 
 class Step(IntEnum):
@@ -79,9 +87,12 @@ class ScheduleTimeout:
 
 @dataclass(frozen=True)
 class PersistSigned:
-    """Store ``state`` durably (``BlockStore.save_signed``) BEFORE the following Broadcast."""
+    """Store ``state`` and ``message`` durably (``BlockStore.save_signed``) BEFORE carrying out
+    the Broadcast that follows. ``message`` is the signed message about to be broadcast; after
+    a restart the machine needs it back (``own_messages``) to publish it again."""
 
     state: SignedState
+    message: Proposal | Vote
 
 
 @dataclass(frozen=True)
@@ -137,34 +148,6 @@ class ConsensusConfig:
             raise UsageError("ConsensusConfig.round_window >= 1 and future_buffer >= 0")
 
 
-class _VoteSet:
-    """Votes of one (round, type): the first vote of each validator counts."""
-
-    __slots__ = ("by_hash", "power", "votes")
-
-    def __init__(self) -> None:
-        self.votes: dict[bytes, Vote] = {}
-        self.by_hash: dict[bytes | None, int] = {}
-        self.power = 0
-
-    def add(self, vote: Vote, power: int) -> None:
-        self.votes[vote.validator] = vote
-        self.power += power
-        self.by_hash[vote.block_hash] = self.by_hash.get(vote.block_hash, 0) + power
-
-
-_NONE = b"none"  # "no 2/3 majority" marker, distinct from nil (None) and from 32-byte hashes
-
-
-def _majority(vs: _VoteSet | None, valset: ValidatorSet) -> bytes | None:
-    if vs is None:
-        return _NONE
-    for h, p in vs.by_hash.items():
-        if valset.has_two_thirds(p):
-            return h
-    return _NONE
-
-
 @dataclass
 class _Height:
     """Everything the machine knows about the height it is deciding."""
@@ -174,18 +157,18 @@ class _Height:
     proposals: dict[int, Proposal] = field(default_factory=dict)
     blocks: dict[bytes, Block] = field(default_factory=dict)
     valid: dict[bytes, bool] = field(default_factory=dict)
-    prevotes: dict[int, _VoteSet] = field(default_factory=dict)
-    precommits: dict[int, _VoteSet] = field(default_factory=dict)
+    prevotes: dict[int, VoteSet] = field(default_factory=dict)
+    precommits: dict[int, VoteSet] = field(default_factory=dict)
     max_round: dict[bytes, int] = field(default_factory=dict)
     prevote_timeout_rounds: set[int] = field(default_factory=set)
     precommit_timeout_rounds: set[int] = field(default_factory=set)
     rule5_rounds: set[int] = field(default_factory=set)
 
-    def votes(self, vote_type: VoteType, round_: int) -> _VoteSet:
+    def votes(self, vote_type: VoteType, round_: int) -> VoteSet:
         table = self.prevotes if vote_type == VoteType.PREVOTE else self.precommits
         vs = table.get(round_)
         if vs is None:
-            vs = table[round_] = _VoteSet()
+            vs = table[round_] = VoteSet()
         return vs
 
 
@@ -199,6 +182,7 @@ class Consensus:
         *,
         mempool: TxSource | None = None,
         signed_state: SignedState | None = None,
+        own_messages: Sequence[Proposal | Vote] = (),
         config: ConsensusConfig | None = None,
     ) -> None:
         self.view = view
@@ -207,6 +191,7 @@ class Consensus:
         self._mempool = mempool
         self.config = config or ConsensusConfig()
         self.last_signed = signed_state
+        self._restored = tuple(own_messages)
         self.started = False
         self.round = 0
         self.step = Step.PROPOSE
@@ -251,6 +236,9 @@ class Consensus:
             self._start_round = self.round = ls.round
             self.locked_round = ls.locked_round
             self.locked_hash = ls.locked_hash
+            for msg in self._restored:
+                if msg.height == self.height:
+                    self._keep_own(msg)
         self._rebroadcast_at = now + self.config.rebroadcast_interval
         self._on_timers(now, actions)
         self._evaluate(now, actions)
@@ -331,13 +319,14 @@ class Consensus:
         return actions
 
     def rebroadcast(self) -> list[Action]:
-        """What to publish again: this node's own messages of the current round, preceded by
-        the prevotes that justify its valid value (others may have missed them, and without
-        them they cannot accept its re-proposal; gossip does not backfill)."""
+        """What to publish again, since gossip does not backfill: this node's own messages of
+        the current and the previous round (a gatekeeper still in the previous round needs our
+        precommit of it to move on), preceded by the prevotes that justify our valid value
+        (without them others cannot accept its re-proposal)."""
         own = [
             Broadcast(msg)
             for (r, _), msg in sorted(self._own.items(), key=lambda kv: kv[0])
-            if r == self.round
+            if r >= self.round - 1
         ]
         return self._pol_broadcasts() + own
 
@@ -346,11 +335,7 @@ class Consensus:
         vs = self._h.prevotes.get(self.valid_round)
         if block is None or vs is None:
             return []
-        return [
-            Broadcast(v)
-            for _, v in sorted(vs.votes.items())
-            if v.block_hash == block.hash and v.validator != self.me
-        ]
+        return [Broadcast(v) for v in vs.votes_for(block.hash) if v.validator != self.me]
 
     # -- heights, rounds and timers --------------------------------------------------------
 
@@ -370,6 +355,7 @@ class Consensus:
         self._timeouts.clear()
         self._own.clear()
         self._behind_since = None
+        self._evidence_sent = {k for k in self._evidence_sent if k[1] >= self._h.height - 1}
         if delay > 0:
             actions.append(ScheduleTimeout(self._start_at))
         future, self._future = self._future, []
@@ -448,22 +434,18 @@ class Consensus:
         if pol_round >= 0:  # relay the polka first, so that others can accept the re-proposal
             actions += self._pol_broadcasts()
         sb = proposal_sign_bytes(self.view.chain_id, h.height, self.round, pol_round, block.hash)
-        sig = self._sign(self.round, Step.PROPOSE, sb, actions)
-        if sig is None:
+        state = self._may_sign(self.round, Step.PROPOSE, sb)
+        if state is None:
             return
-        p = Proposal(h.height, self.round, pol_round, block, self.me, sig)
-        h.proposals[self.round] = p
-        h.blocks[block.hash] = block
+        p = Proposal(h.height, self.round, pol_round, block, self.me, self._signer.sign(sb))
+        self._keep_own(p)
         h.valid.setdefault(block.hash, True)
-        self._own[(self.round, Step.PROPOSE)] = p
-        actions.append(Broadcast(p))
+        actions += [PersistSigned(state, p), Broadcast(p)]
 
     # -- signing ---------------------------------------------------------------------------
 
-    def _sign(
-        self, round_: int, step: Step, sign_bytes: bytes, actions: list[Action]
-    ) -> bytes | None:
-        """Sign unless that could conflict with what was signed before (then None)."""
+    def _may_sign(self, round_: int, step: Step, sign_bytes: bytes) -> SignedState | None:
+        """The new signing record, or None if signing could conflict with an earlier one."""
         digest = hashlib.sha256(sign_bytes).digest()
         hrs = (self.height, round_, int(step))
         ls = self.last_signed
@@ -471,8 +453,21 @@ class Consensus:
             return None
         state = SignedState(*hrs, digest, self.locked_round, self.locked_hash)
         self.last_signed = state
-        actions.append(PersistSigned(state))
-        return self._signer.sign(sign_bytes)
+        return state
+
+    def _keep_own(self, msg: Proposal | Vote) -> None:
+        """Count an own message as received, and remember it for rebroadcast."""
+        h = self._h
+        if isinstance(msg, Proposal):
+            h.proposals.setdefault(msg.round, msg)
+            h.blocks.setdefault(msg.block.hash, msg.block)
+            self._own[(msg.round, Step.PROPOSE)] = msg
+        else:
+            vs = h.votes(msg.vote_type, msg.round)
+            if msg.validator not in vs.votes:
+                vs.add(msg, h.valset.power(self.me))
+            step = Step.PREVOTE if msg.vote_type == VoteType.PREVOTE else Step.PRECOMMIT
+            self._own[(msg.round, step)] = msg
 
     def _vote(
         self, vote_type: VoteType, block_hash: bytes | None, now: float, actions: list[Action]
@@ -482,13 +477,12 @@ class Consensus:
         chain_id = self.view.chain_id
         sb = vote_sign_bytes(chain_id, vote_type, self.height, self.round, block_hash)
         step = Step.PREVOTE if vote_type == VoteType.PREVOTE else Step.PRECOMMIT
-        sig = self._sign(self.round, step, sb, actions)
-        if sig is None:
+        state = self._may_sign(self.round, step, sb)
+        if state is None:
             return
-        vote = Vote(vote_type, self.height, self.round, block_hash, self.me, sig)
-        self._own[(self.round, step)] = vote
-        self._h.votes(vote_type, self.round).add(vote, self._h.valset.power(self.me))
-        actions.append(Broadcast(vote))
+        vote = Vote(vote_type, self.height, self.round, block_hash, self.me, self._signer.sign(sb))
+        self._keep_own(vote)
+        actions += [PersistSigned(state, vote), Broadcast(vote)]
         if self.config.byzantine_double_sign:
             twin = hashlib.sha256(b"conflict" + (block_hash or b"")).digest()
             other = None if block_hash is not None else twin
@@ -531,22 +525,23 @@ class Consensus:
             raise ProtocolViolation("vote from a non-gatekeeper", reason="unknown_validator")
         table = h.prevotes if vote.vote_type == VoteType.PREVOTE else h.precommits
         vs = table.get(vote.round)
-        existing = None if vs is None else vs.votes.get(vote.validator)
-        if existing is not None and existing.signature == vote.signature:
-            return
+        if vs is not None and vs.has(vote.validator, vote.block_hash):
+            return  # a duplicate (signatures are deterministic)
         if not verified and not vote.verify(self.view.chain_id):
             raise ProtocolViolation("bad vote signature", reason="bad_signature")
         self._note_round(vote.validator, vote.round)
-        if existing is not None:
-            if existing.block_hash != vote.block_hash:
-                ev = DoubleSignEvidence.of(existing, vote)
-                if ev.key not in self._evidence_sent:
-                    self._evidence_sent.add(ev.key)
-                    actions.append(ReportEvidence(ev))
-            return
         if vote.round > self.round + self.config.round_window:
             return  # counts for round skips only
-        h.votes(vote.vote_type, vote.round).add(vote, power)
+        vs = h.votes(vote.vote_type, vote.round)
+        existing = vs.votes.get(vote.validator)
+        if existing is None:
+            vs.add(vote, power)
+            return
+        ev = DoubleSignEvidence.of(existing, vote)
+        if ev.key not in self._evidence_sent:
+            self._evidence_sent.add(ev.key)
+            actions.append(ReportEvidence(ev))
+        vs.add_conflicting(vote, power, proposed=vote.block_hash in h.blocks)
 
     def _note_future(
         self,
@@ -611,8 +606,8 @@ class Consensus:
         valset = h.valset
         # line 49: 2f+1 precommits for v in any round, with v known and valid -> decide
         for round_, vs in sorted(h.precommits.items()):
-            target = _majority(vs, valset)
-            if target is _NONE or target is None:
+            target = majority(vs, valset)
+            if target is NO_MAJORITY or target is None:
                 continue
             block = h.blocks.get(target)
             if block is None:
@@ -642,7 +637,7 @@ class Consensus:
                     self._vote(VoteType.PREVOTE, vid if ok else None, now, actions)
                     self.step = Step.PREVOTE
                     return True
-                if _majority(h.prevotes.get(p.pol_round), valset) == vid:  # line 28
+                if majority(h.prevotes.get(p.pol_round), valset) == vid:  # line 28
                     ok = self._valid(v) and self._timely(v, now)
                     ok = ok and (self.locked_round <= p.pol_round or self.locked_hash == vid)
                     self._vote(VoteType.PREVOTE, vid if ok else None, now, actions)
@@ -658,21 +653,25 @@ class Consensus:
         ):
             h.prevote_timeout_rounds.add(r)
             self._schedule(Step.PREVOTE, now + self.view.params.timeout_prevote(r), actions)
-        majority = _majority(prevotes, valset)
+        polka = majority(prevotes, valset)
         # line 36: 2f+1 prevotes for a known valid v while step >= prevote, first time
-        if self.step >= Step.PREVOTE and r not in h.rule5_rounds and majority not in (_NONE, None):
-            assert majority is not None
-            block = h.blocks.get(majority)
+        if (
+            self.step >= Step.PREVOTE
+            and r not in h.rule5_rounds
+            and polka not in (NO_MAJORITY, None)
+        ):
+            assert polka is not None
+            block = h.blocks.get(polka)
             if block is not None and self._valid(block):
                 h.rule5_rounds.add(r)
                 if self.step == Step.PREVOTE:
-                    self.locked_round, self.locked_hash, self.locked_block = r, majority, block
-                    self._vote(VoteType.PRECOMMIT, majority, now, actions)
+                    self.locked_round, self.locked_hash, self.locked_block = r, polka, block
+                    self._vote(VoteType.PRECOMMIT, polka, now, actions)
                     self.step = Step.PRECOMMIT
                 self.valid_round, self.valid_block = r, block
                 return True
         # line 44: 2f+1 prevotes for nil -> precommit nil
-        if self.step == Step.PREVOTE and majority is None:
+        if self.step == Step.PREVOTE and polka is None:
             self._vote(VoteType.PRECOMMIT, None, now, actions)
             self.step = Step.PRECOMMIT
             return True
@@ -688,13 +687,9 @@ class Consensus:
         return False
 
     def _decide(
-        self, block: Block, round_: int, vs: _VoteSet, now: float, actions: list[Action]
+        self, block: Block, round_: int, vs: VoteSet, now: float, actions: list[Action]
     ) -> None:
-        sigs = tuple(
-            CommitSig(v.validator, v.signature)
-            for _, v in sorted(vs.votes.items())
-            if v.block_hash == block.hash
-        )
+        sigs = tuple(CommitSig(v.validator, v.signature) for v in vs.votes_for(block.hash))
         commit = Commit(block.height, round_, block.hash, sigs)
         self.view.apply(block, commit, verified=True)
         self._finalized(block, commit, now, actions)

@@ -12,9 +12,18 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-from phala_p2p.chain.block import Block, Commit, CommittedBlock
-from phala_p2p.chain.consensus import SignedState
+from phala_p2p.chain.block import Block, Commit, CommittedBlock, Proposal, Vote
+from phala_p2p.chain.consensus import (
+    Action,
+    CommitBlock,
+    Consensus,
+    ConsensusConfig,
+    PersistSigned,
+    SignedState,
+    TxSource,
+)
 from phala_p2p.chain.params import Genesis
+from phala_p2p.chain.tx import Signer
 from phala_p2p.chain.view import ChainView
 from phala_p2p.errors import ChainError, ProtocolViolation, UsageError
 from phala_p2p.wire.codec import decode, encode
@@ -36,6 +45,13 @@ CREATE TABLE IF NOT EXISTS signed_state (
     sign_hash BLOB NOT NULL,
     locked_round INTEGER NOT NULL,
     locked_hash BLOB
+);
+CREATE TABLE IF NOT EXISTS own_messages (
+    height INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (height, round, step)
 );
 """
 
@@ -126,22 +142,51 @@ class BlockStore:
 
     # -- what the consensus machine last signed ---------------------------------------------
 
-    def save_signed(self, state: SignedState) -> None:
-        """Durably record ``PersistSigned.state``; call before broadcasting what follows it."""
+    def save_signed(self, state: SignedState, message: Proposal | Vote) -> None:
+        """Durably record a ``PersistSigned`` action (the signing record and the signed
+        message); call it before carrying out the broadcast that follows the action."""
+        data = encode(message)
         try:
-            self._db.execute(
-                "INSERT OR REPLACE INTO signed_state VALUES (1, ?, ?, ?, ?, ?, ?)",
-                (
-                    state.height,
-                    state.round,
-                    state.step,
-                    state.sign_hash,
-                    state.locked_round,
-                    state.locked_hash,
-                ),
-            )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO signed_state VALUES (1, ?, ?, ?, ?, ?, ?)",
+                    (
+                        state.height,
+                        state.round,
+                        state.step,
+                        state.sign_hash,
+                        state.locked_round,
+                        state.locked_hash,
+                    ),
+                )
+                self._db.execute(
+                    "INSERT OR REPLACE INTO own_messages VALUES (?, ?, ?, ?)",
+                    (state.height, state.round, state.step, data),
+                )
+                self._db.execute("DELETE FROM own_messages WHERE height < ?", (state.height,))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
         except sqlite3.Error as err:
             raise ChainError(f"cannot store signing state: {err}") from err
+
+    def load_own_messages(self, height: int) -> list[Proposal | Vote]:
+        """The messages this node signed at ``height`` (for ``Consensus(own_messages=...)``)."""
+        rows = self._db.execute(
+            "SELECT data FROM own_messages WHERE height=? ORDER BY round, step", (height,)
+        ).fetchall()
+        out: list[Proposal | Vote] = []
+        for (data,) in rows:
+            try:
+                msg = decode(bytes(data), max_size=MAX_STORED_BLOCK)
+            except ProtocolViolation as err:
+                raise ChainError(f"stored own message is corrupt: {err}") from err
+            if not isinstance(msg, Proposal | Vote):
+                raise ChainError("stored own message has the wrong kind")
+            out.append(msg)
+        return out
 
     def load_signed(self) -> SignedState | None:
         row = self._db.execute(
@@ -151,6 +196,31 @@ class BlockStore:
             return None
         h, r, s, sign_hash, lr, lh = row
         return SignedState(h, r, s, bytes(sign_hash), lr, None if lh is None else bytes(lh))
+
+    # -- for drivers --------------------------------------------------------------------------
+
+    def persist(self, action: Action) -> None:
+        """Carry out the storage part of a consensus action (``PersistSigned``: the signing
+        record; ``CommitBlock``: the block); other actions are not the store's business."""
+        if isinstance(action, PersistSigned):
+            self.save_signed(action.state, action.message)
+        elif isinstance(action, CommitBlock):
+            self.put_block(action.block, action.commit)
+
+    def consensus(
+        self,
+        view: ChainView,
+        signer: Signer,
+        *,
+        mempool: TxSource | None = None,
+        config: ConsensusConfig | None = None,
+    ) -> Consensus:
+        """A consensus machine for ``view`` that remembers what this node signed before."""
+        signed = self.load_signed()
+        own = self.load_own_messages(signed.height) if signed is not None else []
+        return Consensus(
+            view, signer, mempool=mempool, signed_state=signed, own_messages=own, config=config
+        )
 
     # -- restart ----------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from phala_p2p.chain.block import MAX_HEIGHT, CommittedBlock
+from phala_p2p.chain.params import ChainParams
 from phala_p2p.chain.view import ChainView
 from phala_p2p.errors import ProtocolViolation, UsageError
 from phala_p2p.wire.codec import decode, message
@@ -56,6 +57,11 @@ class SyncResponse:
         for prev, cur in zip(self.blocks, self.blocks[1:], strict=False):
             if cur.block.height != prev.block.height + 1:
                 raise ProtocolViolation("sync blocks are not consecutive")
+
+
+def committed_block_limit(params: ChainParams, validators: int) -> int:
+    """Decode bound for a ``CommittedBlock`` on ``phala/blocks/1``."""
+    return params.max_block_bytes + 64 * 1024 + 128 * max(validators, 1)
 
 
 class BlockSource(Protocol):

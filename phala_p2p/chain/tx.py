@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from phala_p2p.chain.tables import pack
 from phala_p2p.crypto.identity import verify_signature
 from phala_p2p.errors import ProtocolViolation
-from phala_p2p.wire.codec import encode, message
+from phala_p2p.wire.codec import encode, kind_of, message
 
 TX_DOMAIN = b"phala/tx/1\x00"
 MAX_TX_BODY = 64 * 1024  # wire bound; the chain's max_tx_size is the tighter, governed bound
@@ -73,6 +73,11 @@ class TxResult:
     detail: str = ""
 
 
+def clear_verified_cache() -> None:
+    """Forget which transaction signatures were verified (benchmarks, tests)."""
+    _verified.clear()
+
+
 def tx_sign_bytes(
     chain_id: str, sender: bytes, nonce: int, fee: int, kind: int, body: bytes
 ) -> bytes:
@@ -106,9 +111,7 @@ class Tx:
     @classmethod
     def sign(cls, signer: Signer, *, chain_id: str, nonce: int, fee: int, body: Any) -> Tx:
         """Build and sign a transaction carrying ``body`` (a registered body message)."""
-        from phala_p2p.chain.registry import kind_of
-
-        kind = kind_of(type(body))
+        kind = kind_of(body)
         body_bytes = encode(body)
         sender = signer.public_key
         sig = signer.sign(tx_sign_bytes(chain_id, sender, nonce, fee, kind, body_bytes))

@@ -15,7 +15,6 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import msgpack
 import trio
@@ -96,6 +95,9 @@ class Discovery:
         self.known: dict[str, PeerRecord] = {}
         self.roles: dict[str, str] = {}  # as each peer reported itself
         self.bootstrapped = trio.Event()
+        self._asked: set[str] = set()
+        self._next_ask = 0.0
+        self._backoff = interval
         reqresp.serve(
             PEERS_PROTOCOL,
             self._answer,
@@ -160,13 +162,19 @@ class Discovery:
     async def _round(self) -> None:
         connected = self._connected()
         for peer in connected:
-            if peer not in self.roles:
+            if peer not in self.roles and peer not in self._asked:
+                self._asked.add(peer)
                 try:
                     await self.ask(peer)
                 except P2PError as err:
                     logger.debug("peer exchange with %s failed: %s", peer, err)
+        self._asked &= set(connected)
         if len(connected) >= self._target or not connected:
             return
+        now = trio.current_time()
+        if now < self._next_ask:
+            return
+        known_before = set(self.known)
         try:
             await self.ask(random.choice(connected))
         except P2PError as err:
@@ -175,6 +183,12 @@ class Discovery:
             r for r in self.known.values()
             if r.peer_id not in connected and not self._gate.is_denied(r.peer_id) and r.addrs
         ]
+        # Back off while asking teaches nothing new and there is nobody left to dial.
+        if set(self.known) - known_before or candidates:
+            self._backoff = self._interval
+        else:
+            self._backoff = min(self._backoff * 2, 30.0)
+        self._next_ask = now + self._backoff
         random.shuffle(candidates)
         for rec in candidates[: self._target - len(connected)]:
             for addr in rec.addrs:
@@ -184,6 +198,3 @@ class Discovery:
                     break
                 except P2PError as err:
                     logger.debug("dial %s at %s failed: %s", rec.peer_id, addr, err)
-
-
-Any_ = Any

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import trio
 
-from phala_p2p.errors import P2PError, UsageError
+from phala_p2p.errors import ConnectionLost, P2PError, ProtocolViolation, UsageError
 from phala_p2p.net.metrics import Metrics
 from phala_p2p.net.reqresp import ProtocolLimits, RequestResponse
+from phala_p2p.net.streams import FramedStream
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +54,20 @@ class HealthMonitor:
         self._disconnect = disconnect
         self._last_ok: dict[str, float] = {}
         self.rtt: dict[str, float] = {}
-        reqresp.serve(
+        reqresp.serve_stream(
             PING_PROTOCOL,
             self._answer,
-            ProtocolLimits(max_request=PING_SIZE, max_response=PING_SIZE, max_streams_per_peer=4),
+            ProtocolLimits(max_request=PING_SIZE, max_response=PING_SIZE, max_streams_per_peer=2),
         )
 
-    async def _answer(self, peer_id: str, request: bytes) -> bytes:
-        return request
+    async def _answer(self, stream: FramedStream) -> None:
+        # One long-lived stream per peer: a ping costs two small frames, not a new stream.
+        while True:
+            try:
+                nonce = await stream.receive()
+            except ConnectionLost:
+                return
+            await stream.send(nonce)
 
     async def run(self) -> None:
         if not self.config.enabled:
@@ -91,21 +98,27 @@ class HealthMonitor:
                 await trio.sleep(tick)
 
     async def _ping_one(self, peer: str, pinging: set[str]) -> None:
+        """Ping ``peer`` every interval on one stream until it fails or the peer leaves."""
         try:
-            nonce = os.urandom(PING_SIZE)
-            start = trio.current_time()
-            try:
-                reply = await self._rr.request(
-                    peer, PING_PROTOCOL, nonce, timeout=self.config.dead_after,
-                    max_response=PING_SIZE,
-                )
-            except P2PError as err:
-                self._metrics.count("ping_failures")
-                logger.debug("ping %s failed: %s", peer, err)
-                return
-            if reply == nonce and peer in self._last_ok:
-                now = trio.current_time()
-                self._last_ok[peer] = now
-                self.rtt[peer] = now - start
+            async with self._rr.open_stream(peer, PING_PROTOCOL, max_message=PING_SIZE) as s:
+                while peer in self._last_ok:
+                    nonce = os.urandom(PING_SIZE)
+                    start = trio.current_time()
+                    with trio.move_on_after(self.config.dead_after):
+                        await s.send(nonce)
+                        reply = await s.receive()
+                        if reply != nonce:
+                            raise ProtocolViolation("ping echoed the wrong bytes")
+                        now = trio.current_time()
+                        if peer in self._last_ok:
+                            self._last_ok[peer] = now
+                            self.rtt[peer] = now - start
+                        await trio.sleep(max(0.0, self.config.interval - (now - start)))
+                        continue
+                    self._metrics.count("ping_failures")
+                    return
+        except P2PError as err:
+            self._metrics.count("ping_failures")
+            logger.debug("ping %s failed: %s", peer, err)
         finally:
             pinging.discard(peer)

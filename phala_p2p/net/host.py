@@ -113,7 +113,26 @@ class GatedSwarm(Swarm):
             logger.debug("closing %s connection from denied peer %s", direction, peer_id)
             await muxed_conn.close()
             raise SwarmException(f"peer {peer_id} is denied by the gate")
-        return await super().add_conn(muxed_conn, direction)
+        existing = [c for c in self.connections.get(peer_id, []) if c.muxed_conn is not muxed_conn]
+        if not existing:
+            return await super().add_conn(muxed_conn, direction)
+        # Two peers that dial each other at once get two connections. Both sides keep the
+        # one dialed by the smaller peer id and close the other at once, so they agree on
+        # one connection (py-libp2p would keep both for a 20 s grace period, and each side
+        # may send on a different one).
+        if not self._preferred(peer_id, str(direction)):
+            logger.debug("simultaneous connect with %s: keeping the existing connection", peer_id)
+            await muxed_conn.close()
+            return existing[0]
+        conn = await super().add_conn(muxed_conn, direction)
+        for old in existing:
+            logger.debug("simultaneous connect with %s: closing the other connection", peer_id)
+            await old.close()
+        return conn
+
+    def _preferred(self, peer_id: ID, direction: str) -> bool:
+        we_dialed = direction.lower().endswith("outbound")
+        return we_dialed == (str(self.self_id) < str(peer_id))
 
     def clear_dial_failures(self) -> None:
         """Forget recent dial failures (the swarm would otherwise refuse to redial for 60 s)."""

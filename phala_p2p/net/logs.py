@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 NOISY = (
     "libp2p",
@@ -11,12 +12,17 @@ NOISY = (
 )
 
 
-def tame_libp2p_loggers(level: int = logging.ERROR) -> None:
-    """Raise py-libp2p's loggers to ``level`` unless the user configured them already."""
+def tame_libp2p_loggers(level: int = logging.CRITICAL) -> None:
+    """Quiet py-libp2p: it logs routine events (a peer closing a stream, a dial racing a
+    close) at ERROR with multi-line text. ``LIBP2P_DEBUG`` (py-libp2p's own switch) or
+    ``PHALA_P2P_LIBP2P_LOG=DEBUG|INFO|WARNING|ERROR`` turns them back on."""
+    if os.environ.get("LIBP2P_DEBUG"):
+        return
+    wanted = os.environ.get("PHALA_P2P_LIBP2P_LOG", "").upper()
+    if wanted in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        level = getattr(logging, wanted)
     for name in NOISY:
-        lg = logging.getLogger(name)
-        if lg.level == logging.NOTSET:
-            lg.setLevel(level)
+        logging.getLogger(name).setLevel(level)
 
 
 class PeerIdFilter(logging.Filter):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from phala_p2p.chain.block import Commit, CommitSig, VoteType, vote_sign_bytes
+from phala_p2p.chain.block import Block, Commit, CommitSig, VoteType, vote_sign_bytes
 from phala_p2p.chain.params import ChainParams, Genesis
+from phala_p2p.chain.tx import Tx
 from phala_p2p.chain.view import ChainView
 from phala_p2p.crypto.identity import Identity
 
@@ -64,8 +65,11 @@ def commit_for(
 
 
 def extend(
-    view: ChainView, signers: Sequence[Identity], txs: Sequence = (), time_ms: int | None = None
-) -> tuple:
+    view: ChainView,
+    signers: Sequence[Identity],
+    txs: Sequence[Tx] = (),
+    time_ms: int | None = None,
+) -> tuple[Block, Commit]:
     """Build, certify and apply the next block on ``view``; returns (block, commit)."""
     proposer = view.proposer(0)
     block = view.build_block(

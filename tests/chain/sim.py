@@ -138,12 +138,8 @@ class SimNet:
                 sync_retry=config.sync_retry,
                 byzantine_double_sign=True,
             )
-        node.consensus = Consensus(
-            view,
-            node.identity,
-            mempool=node.mempool,
-            signed_state=node.store.load_signed(),
-            config=config,
+        node.consensus = node.store.consensus(
+            view, node.identity, mempool=node.mempool, config=config
         )
         node.alive = True
         self._run_actions(node, node.consensus.start(self.now))
@@ -181,18 +177,16 @@ class SimNet:
         for action in actions:
             if not node.alive:
                 return
-            if isinstance(action, PersistSigned):
+            if isinstance(action, PersistSigned | CommitBlock):
                 assert node.store is not None
-                node.store.save_signed(action.state)
+                node.store.persist(action)  # durable before anything that follows
+                if isinstance(action, CommitBlock):
+                    self._check_finalized(action.block.height, action.block.hash)
             elif isinstance(action, Broadcast):
                 msg = action.msg
                 if isinstance(msg, Vote) and not node.byzantine:
                     self._check_honest_vote(msg)
                 self._send(node.index, "consensus", encode(msg))
-            elif isinstance(action, CommitBlock):
-                assert node.store is not None
-                node.store.put_block(action.block, action.commit)
-                self._check_finalized(action.block.height, action.block.hash)
             elif isinstance(action, ReportEvidence):
                 self.evidence_seen.append(action.evidence)
                 self.submit_tx(node.index, SubmitEvidence(action.evidence))

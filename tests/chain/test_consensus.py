@@ -118,7 +118,9 @@ def test_every_signature_is_persisted_before_it_is_broadcast() -> None:
     for i in own:
         persisted = acts[i - 1]
         assert isinstance(persisted, PersistSigned)
-        vote = acts[i].msg  # type: ignore[union-attr]
+        vote = persisted.message
+        assert isinstance(vote, Vote)
+        assert acts[i] == Broadcast(vote)
         assert persisted.state.hrs == (vote.height, vote.round, int(vote.vote_type))
         assert persisted.state.sign_hash == hashlib.sha256(vote.sign_bytes(CHAIN_ID)).digest()
 
@@ -423,3 +425,25 @@ def test_byzantine_hook_signs_twins() -> None:
     assert votes[0].block_hash is None
     assert votes[1].block_hash is not None
     assert (votes[0].height, votes[0].round) == (votes[1].height, votes[1].round)
+
+
+def test_restart_restores_own_messages_for_rebroadcast() -> None:
+    rig = Rig()
+    rig.start()
+    a = rig.proposal(0)
+    acts = rig.m.on_proposal(a, T0 + 0.1)
+    acts += rig.votes(rig.others[:2], PV, 0, a.block.hash, T0 + 0.2)
+    persisted = [x for x in acts if isinstance(x, PersistSigned)]
+    assert [type(p.message) for p in persisted] == [Vote, Vote]
+    assert [p.message for p in persisted] == own_votes(acts)
+    rig.m = Consensus(
+        ChainView(rig.genesis),
+        rig.me,
+        signed_state=persisted[-1].state,
+        own_messages=[p.message for p in persisted],
+    )
+    rig.view = rig.m.view
+    rig.m.start(T0 + 1.0)
+    again = rig.m.on_timeout(T0 + 1.0 + rig.m.config.rebroadcast_interval)
+    resent = own_votes(again)
+    assert {(v.vote_type, v.block_hash) for v in resent} >= {(PV, a.block.hash), (PC, a.block.hash)}
