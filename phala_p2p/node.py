@@ -115,7 +115,8 @@ class Node:
         return peer
 
     async def disconnect(self, peer_id: str) -> None:
-        with trio.CancelScope(shield=True):
+        """Close every connection to ``peer_id`` (bounded: at most 5 s)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
             try:
                 await self.host.disconnect(ID.from_base58(peer_id))
             except BaseLibp2pError as err:

@@ -33,6 +33,7 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -271,6 +272,7 @@ class GossipService:
         self._penalties: dict[str, deque[float]] = {}
         self._validated: OrderedDict[bytes, GossipMessage] = OrderedDict()
         self._publish_lock = trio.Lock()
+        self._announced: dict[ID, int] = {}
         self._punish_send, self._punish_recv = trio.open_memory_channel[str](256)
         self.router = _GossipSub(
             # /meshsub/1.1.0 only: py-libp2p 0.8.1's 1.2 (IDONTWANT) path stalls delivery
@@ -300,9 +302,35 @@ class GossipService:
         async with background_trio_service(self.pubsub), background_trio_service(self.router):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._punisher)
+                nursery.start_soon(self._reannounce)
                 await self.pubsub.wait_until_ready()
                 task_status.started()
                 await trio.sleep_forever()
+
+    async def _reannounce(self) -> None:
+        """Repeat our subscriptions to each new peer a few times.
+
+        py-libp2p announces a subscription to the peers it has at that moment and sends
+        the topic list in its hello to peers added later; a peer whose stream is being set
+        up in between hears neither (measured: in a 10-node devnet some pairs never learn
+        each other's topics). Three repeats, a second apart, close that window; a
+        repeated subscription is idempotent for the receiver.
+        """
+        while True:
+            await trio.sleep(1.0)
+            peers = set(self.pubsub.peers)
+            for gone in set(self._announced) - peers:
+                del self._announced[gone]
+            if not self._joined:
+                continue
+            rpc = rpc_pb2.RPC(subscriptions=[
+                rpc_pb2.RPC.SubOpts(subscribe=True, topicid=t) for t in sorted(self._joined)
+            ])
+            for peer in peers:
+                done = self._announced.get(peer, 0)
+                queue = self.pubsub.peer_queues.get(peer)
+                if done < 3 and queue is not None and queue.push(rpc, priority=True):
+                    self._announced[peer] = done + 1
 
     # -- topics, validators, subscriptions -------------------------------------------------
 
@@ -318,6 +346,7 @@ class GossipService:
             if topic not in self.pubsub.topic_validators:
                 self.pubsub.set_topic_validator(topic, self._make_libp2p_validator(topic), False)
             await self.pubsub.subscribe(topic)
+            self._announced.clear()  # tell every peer again about the new topic
 
     async def subscribe(self, topic: str, *, buffer: int | None = None) -> Subscription:
         _check_topic(topic)

@@ -21,17 +21,19 @@ async def _meshed(net, topic: str, subs) -> None:  # type: ignore[no-untyped-def
             len(n.gossip.mesh_peers(topic)) >= min(4, len(nodes) - 1) for n in nodes
         )
 
-    await wait_until(ready, 15, message="gossip mesh")
+    try:
+        await wait_until(ready, 15, message="gossip mesh")
+    except TimeoutError:
+        print([len(n.gossip.topic_peers(topic)) for n in nodes], [len(n.gossip.mesh_peers(topic)) for n in nodes], [len(n.peers()) for n in nodes])
+        raise
 
 
-async def test_burst_of_1000_reaches_every_subscriber() -> None:
-    async with open_devnet(peers=10, seed=1) as net:
-        subs = [await n.subscribe(TOPIC, buffer=2000) for n in net.nodes]
+async def _burst(peers: int, count: int, deadline: float) -> None:
+    async with open_devnet(peers=peers, seed=1) as net:
+        subs = [await n.subscribe(TOPIC, buffer=count + 10) for n in net.nodes]
         await _meshed(net, TOPIC, subs)
         sender = net.nodes[0]
-        payloads = [i.to_bytes(4, "big") + bytes(1020) for i in range(1000)]
-        for p in payloads:
-            await sender.publish(TOPIC, p)
+        payloads = [i.to_bytes(4, "big") + bytes(1020) for i in range(count)]
         received: list[set[bytes]] = [set() for _ in subs]
 
         async def drain(i: int) -> None:
@@ -41,13 +43,25 @@ async def test_burst_of_1000_reaches_every_subscriber() -> None:
                 assert msg.topic == TOPIC
                 received[i].add(msg.data)
 
-        with trio.fail_after(60):
+        with trio.fail_after(deadline):
             async with trio.open_nursery() as n:
                 for i in range(len(subs)):
                     n.start_soon(drain, i)
+                for p in payloads:  # back to back: pacing is the library's job
+                    await sender.publish(TOPIC, p)
         assert all(r == set(payloads) for r in received)
-        assert sum(n.metrics.dropped for n in net.nodes) == 0
-        assert sender.metrics.published == 1000
+        assert sum(n.metrics.dropped for n in net.all_nodes) == 0
+        assert sender.metrics.published == count
+
+
+async def test_burst_reaches_every_subscriber() -> None:
+    await _burst(peers=10, count=100, deadline=120)
+
+
+@pytest.mark.slow
+async def test_burst_of_1000_reaches_every_subscriber() -> None:
+    # ~4 minutes on 2 cores: ten py-libp2p nodes share one event loop here.
+    await _burst(peers=10, count=1000, deadline=600)
 
 
 async def test_partition_keeps_messages_on_their_side_and_heal_reforms_mesh() -> None:
@@ -66,11 +80,16 @@ async def test_partition_keeps_messages_on_their_side_and_heal_reforms_mesh() ->
             with trio.fail_after(10):
                 msg = await subs[i].receive()
             assert msg.data == want
-        # ... and nothing crossed: the other side's message never shows up.
-        await trio.testing.wait_all_tasks_blocked(0.5)
-        for sub in subs:
-            with pytest.raises(trio.WouldBlock):
-                sub.receive_nowait()
+        # ... and nothing crossed: within a second (many times the delivery time on
+        # one side), no subscriber sees the other side's message.
+        async def nothing_more(i: int) -> None:
+            with trio.move_on_after(1.0):
+                msg = await subs[i].receive()
+                raise AssertionError(f"node {i} got {msg.data!r} across the partition")
+
+        async with trio.open_nursery() as n:
+            for i in range(len(subs)):
+                n.start_soon(nothing_more, i)
 
         start = trio.current_time()
         await net.heal()
