@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from google.protobuf.message import DecodeError
+from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
@@ -208,8 +210,24 @@ class _Pubsub(Pubsub):
 
     dispatch: Callable[[Any], None]
 
+    on_bad_stream: Callable[[str, str], None]
+
     def notify_subscriptions(self, publish_message: Any) -> None:
         self.dispatch(publish_message)
+
+    async def continuously_read_stream(self, stream: Any) -> None:
+        # py-libp2p parses each RPC outside any error handling: a peer that writes bytes
+        # that are not protobuf would end the task with DecodeError and, with it, the
+        # node. Here the peer is penalised and its stream reset; nothing else is touched.
+        try:
+            await super().continuously_read_stream(stream)
+        except DecodeError as err:
+            self.on_bad_stream(str(stream.muxed_conn.peer_id), f"undecodable RPC: {err}")
+            with trio.CancelScope(shield=True):
+                try:
+                    await stream.reset()
+                except BaseLibp2pError:
+                    pass
 
     async def write_msg(self, stream: Any, rpc_msg: Any) -> bool:
         locks: weakref.WeakKeyDictionary[Any, trio.Lock] = self.__dict__.setdefault(
@@ -297,6 +315,7 @@ class GossipService:
             max_inbound_rpc_size=config.max_message_size + 4096,
         )
         self.pubsub.dispatch = self._dispatch
+        self.pubsub.on_bad_stream = self._on_bad_stream
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with background_trio_service(self.pubsub), background_trio_service(self.router):
@@ -500,6 +519,14 @@ class GossipService:
                 self._punish_send.send_nowait(peer)
             except trio.WouldBlock:
                 self._gate.deny(peer, seconds=self.config.ban_seconds)
+
+    def _on_bad_stream(self, peer: str, why: str) -> None:
+        logger.info("gossip stream from %s broken: %s", peer, why)
+        self._metrics.count("gossip_stream_errors")
+        self._metrics.count("rejected", reason="malformed_rpc")
+        # Garbage instead of protobuf is no accident: count it as a full offence.
+        for _ in range(self.config.penalty_threshold):
+            self._penalise(peer)
 
     def penalty_count(self, peer: str) -> int:
         return len(self._penalties.get(peer, ()))

@@ -151,8 +151,12 @@ async def test_garbage_protobuf_frames_do_not_break_the_victim() -> None:
                 await stream.write(_varint(1 << 30))  # a length far over the RPC cap
             except BaseLibp2pError:
                 pass  # the victim may cut the stream after the first frame
-            await wait_until(lambda: not victim.is_connected(_peer(identity)) or
-                             victim.metrics.get("gossip_stream_errors") >= 1, 10)
+            await wait_until(lambda: victim.metrics.get("gossip_stream_errors") >= 1, 10,
+                             message="undecodable RPC noticed")
+            await wait_until(lambda: victim.gate.is_denied(_peer(identity)), 10,
+                             message="attacker denied")
+            await wait_until(lambda: not victim.is_connected(_peer(identity)), 10)
+            assert victim.metrics.rejected.get("malformed_rpc") == 1
             await host.close()
         await honest.publish(TOPIC, b"alive")
         for sub in subs:

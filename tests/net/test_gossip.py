@@ -106,7 +106,12 @@ async def test_partition_keeps_messages_on_their_side_and_heal_reforms_mesh() ->
         await left[1].publish(TOPIC, b"after heal")
         for sub in subs:
             with trio.fail_after(10):
-                assert (await sub.receive()).data == b"after heal"
+                msg = await sub.receive()
+                # GossipSub's message cache may still hand over the other side's
+                # message once the mesh spans the cut again; nothing else may arrive.
+                while msg.data != b"after heal":
+                    assert msg.data in (b"left side", b"right side")
+                    msg = await sub.receive()
 
 
 async def test_validator_verdicts_and_penalties() -> None:
