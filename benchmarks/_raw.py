@@ -47,12 +47,19 @@ async def raw_gossip(hosts: list[Any], *, fixed: bool) -> Any:
             if fixed:
                 router = GossipSub(
                     protocols=["/meshsub/1.1.0"],  # type: ignore[list-item]
-                    degree=6, degree_low=4, degree_high=12, heartbeat_interval=1,
+                    degree=6,
+                    degree_low=4,
+                    degree_high=12,
+                    heartbeat_interval=1,
                     spam_protection_enabled=False,
                 )
             else:
-                router = GossipSub(protocols=["/meshsub/1.1.0"], degree=6, degree_low=4,  # type: ignore[list-item]
-                                   degree_high=12)
+                router = GossipSub(
+                    protocols=["/meshsub/1.1.0"],
+                    degree=6,
+                    degree_low=4,  # type: ignore[list-item]
+                    degree_high=12,
+                )
             ps = Pubsub(host, router)
             await stack.enter_async_context(background_trio_service(ps))
             await stack.enter_async_context(background_trio_service(router))

@@ -34,8 +34,9 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(p * len(values)))]
 
 
-async def _collect(receive, n_expected: int, latencies: list[float], sent_at: dict[bytes, float],
-                   settle: float) -> int:  # type: ignore[no-untyped-def]
+async def _collect(
+    receive, n_expected: int, latencies: list[float], sent_at: dict[bytes, float], settle: float
+) -> int:  # type: ignore[no-untyped-def]
     got = 0
     while got < n_expected:
         with trio.move_on_after(settle) as scope:
@@ -56,8 +57,10 @@ async def run_raw(peers: int, count: int, fixed: bool) -> dict[str, float]:
                 for j in range(i + 1, peers):
                     await dial(hosts[i], hosts[j])
             subs = [await ps.subscribe(TOPIC) for ps in pubsubs[1:]]
-            await wait_until(lambda: all(len(ps.peer_topics.get(TOPIC, ())) >= peers - 2
-                                         for ps in pubsubs[1:]), 30)
+            await wait_until(
+                lambda: all(len(ps.peer_topics.get(TOPIC, ())) >= peers - 2 for ps in pubsubs[1:]),
+                30,
+            )
             sent_at: dict[bytes, float] = {}
             latencies: list[float] = []
             cpu0 = time.process_time()
@@ -85,8 +88,9 @@ async def run_ours(peers: int, count: int) -> dict[str, float]:
     async with open_devnet(peers=peers - 1, seed=99) as net:
         nodes = [net.bootstrap, *net.nodes]
         subs = [await n.subscribe(TOPIC, buffer=count + 10) for n in nodes[1:]]
-        await wait_until(lambda: all(len(n.gossip.topic_peers(TOPIC)) >= peers - 2
-                                     for n in nodes[1:]), 30)
+        await wait_until(
+            lambda: all(len(n.gossip.topic_peers(TOPIC)) >= peers - 2 for n in nodes[1:]), 30
+        )
         sender = nodes[0]
         await sender.gossip._join(TOPIC)
         await wait_until(lambda: len(sender.gossip.topic_peers(TOPIC)) >= peers - 1, 10)
@@ -130,16 +134,22 @@ async def main(args: argparse.Namespace) -> None:
         "raw-fixed": await run_raw(args.peers, args.count, fixed=True),
         "phala_p2p": await run_ours(args.peers, args.count),
     }
-    print(f"gossip burst: {args.peers} peers, {args.count} x 1 KiB from one publisher "
-          f"(cpu = this process, all peers)")
+    print(
+        f"gossip burst: {args.peers} peers, {args.count} x 1 KiB from one publisher "
+        f"(cpu = this process, all peers)"
+    )
     for name, r in results.items():
-        print(f"  {name:<12} delivered {r['delivered']:>6}/{r['expected']:<6} "
-              f"({r['ratio']:6.1%})  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
-              f"cpu/delivery {r['cpu_per_delivery_ms']:.3f} ms")
+        print(
+            f"  {name:<12} delivered {r['delivered']:>6}/{r['expected']:<6} "
+            f"({r['ratio']:6.1%})  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+            f"cpu/delivery {r['cpu_per_delivery_ms']:.3f} ms"
+        )
     ours, fixed, default = results["phala_p2p"], results["raw-fixed"], results["raw-default"]
     print(f"  delivery ratio: ours {ours['ratio']:.1%} vs raw default {default['ratio']:.1%}")
-    print(f"  cpu per delivery: ours / raw-fixed = "
-          f"{ours['cpu_per_delivery_ms'] / fixed['cpu_per_delivery_ms']:.2f}x (target <= 1.2x)")
+    print(
+        f"  cpu per delivery: ours / raw-fixed = "
+        f"{ours['cpu_per_delivery_ms'] / fixed['cpu_per_delivery_ms']:.2f}x (target <= 1.2x)"
+    )
 
 
 if __name__ == "__main__":

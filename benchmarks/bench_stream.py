@@ -67,6 +67,7 @@ async def raw_throughput(size: int) -> float:
 
 async def our_throughput(size: int) -> float:
     async with open_node(NodeConfig()) as a, open_node(NodeConfig()) as b:
+
         async def hasher(peer: str, req: bytes) -> bytes:
             return hashlib.sha256(req).digest()
 
@@ -85,6 +86,7 @@ async def raw_connect(rounds: int) -> list[float]:
     times = []
     for _ in range(rounds):
         async with raw_hosts(2) as (a, b):
+
             async def echo(stream) -> None:  # type: ignore[no-untyped-def]
                 await stream.write(await stream.read(64))
                 await stream.close()
@@ -104,6 +106,7 @@ async def our_connect(rounds: int) -> list[float]:
     for _ in range(rounds):
         cfg = NodeConfig()
         async with open_node(cfg) as a, open_node(cfg) as b:
+
             async def echo(peer: str, req: bytes) -> bytes:
                 return req
 
@@ -127,10 +130,14 @@ async def main(args: argparse.Namespace) -> None:
     our_c = await our_connect(args.rounds)
     print(f"connect + first response ({args.rounds} fresh pairs each):")
     for name, ts in (("raw py-libp2p default", raw_c), ("phala_p2p", our_c)):
-        print(f"  {name:<22} p50 {statistics.median(ts) * 1000:7.1f} ms   "
-              f"max {max(ts) * 1000:7.1f} ms")
-    print(f"  ratio ours/raw (p50) = {statistics.median(our_c) / statistics.median(raw_c):.2f}x "
-          f"(target: ours <= 20 ms)")
+        print(
+            f"  {name:<22} p50 {statistics.median(ts) * 1000:7.1f} ms   "
+            f"max {max(ts) * 1000:7.1f} ms"
+        )
+    print(
+        f"  ratio ours/raw (p50) = {statistics.median(our_c) / statistics.median(raw_c):.2f}x "
+        f"(target: ours <= 20 ms)"
+    )
 
 
 if __name__ == "__main__":

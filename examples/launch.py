@@ -103,6 +103,7 @@ async def main(args: argparse.Namespace) -> int:
     code = 0
     try:
         async with trio.open_nursery() as nursery:
+
             def on_event(peer: Peer, event: dict[str, Any]) -> None:
                 if event.get("event") == "heard":
                     peer.heard.add(event["from"])
@@ -111,8 +112,9 @@ async def main(args: argparse.Namespace) -> int:
                     if total >= args.peers * (args.peers - 1):
                         everyone_heard.set()
 
-            boot = await start_peer("bootstrap", ["--role", "bootstrap", "--listen",
-                                                  "/ip4/127.0.0.1/tcp/0"], base)
+            boot = await start_peer(
+                "bootstrap", ["--role", "bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0"], base
+            )
             peers.append(boot)
             nursery.start_soon(read_events, boot, on_event)
             with trio.fail_after(args.timeout):
@@ -122,9 +124,20 @@ async def main(args: argparse.Namespace) -> int:
             print(f"bootstrap node up: {boot_addr}")
 
             for i in range(1, args.peers + 1):
-                peer = await start_peer(f"peer-{i}", ["--role", args.role, "--listen",
-                                                      "/ip4/127.0.0.1/tcp/0", "--bootstrap",
-                                                      boot_addr, "--hello-every", "1"], base)
+                peer = await start_peer(
+                    f"peer-{i}",
+                    [
+                        "--role",
+                        args.role,
+                        "--listen",
+                        "/ip4/127.0.0.1/tcp/0",
+                        "--bootstrap",
+                        boot_addr,
+                        "--hello-every",
+                        "1",
+                    ],
+                    base,
+                )
                 peers.append(peer)
                 nursery.start_soon(read_events, peer, on_event)
             ready = 0

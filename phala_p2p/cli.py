@@ -41,9 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--data-dir", type=Path)
     node.add_argument("--metrics-port", type=int)
     node.add_argument("--name", default="")
-    node.add_argument("--hello-every", type=float, default=0.0,
-                      help="gossip a hello on phala/hello/1 every N seconds and report who "
-                           "was heard (used by the example launcher)")
+    node.add_argument(
+        "--hello-every",
+        type=float,
+        default=0.0,
+        help="gossip a hello on phala/hello/1 every N seconds and report who "
+        "was heard (used by the example launcher)",
+    )
 
     keys = sub.add_parser("keys", help="identity keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -91,8 +95,11 @@ async def _hello(node: Any, every: float, as_json: bool) -> None:
         async for msg in sub:
             if msg.sender not in heard and msg.sender != node.peer_id:
                 heard.add(msg.sender)
-                _emit(as_json, {"event": "heard", "from": msg.sender, "data": msg.data.decode()},
-                      f"heard {msg.data.decode()!r} from {msg.sender}")
+                _emit(
+                    as_json,
+                    {"event": "heard", "from": msg.sender, "data": msg.data.decode()},
+                    f"heard {msg.data.decode()!r} from {msg.sender}",
+                )
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(listen)
@@ -145,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             from phala_p2p.net.host import peer_id_of
 
             identity = load_or_create_identity(args.data_dir)
-            out = {"peer_id": peer_id_of(identity.public_key),
-                   "public_key": identity.public_key.hex(), "data_dir": str(args.data_dir)}
+            out = {
+                "peer_id": peer_id_of(identity.public_key),
+                "public_key": identity.public_key.hex(),
+                "data_dir": str(args.data_dir),
+            }
             print(json.dumps(out) if args.json else f"peer id {out['peer_id']}")
         elif args.command == "devnet":
             launcher = Path(__file__).resolve().parent.parent / "examples" / "launch.py"

@@ -108,8 +108,12 @@ class NodeConfig:
     def from_dict(cls, raw: dict[str, Any], *, base_dir: Path | None = None) -> NodeConfig:
         raw = dict(raw)
         node = dict(raw.pop("node", {}))
-        sections = {"gossip": GossipConfig, "limits": HostLimits, "health": HealthConfig,
-                    "discovery": DiscoveryConfig}
+        sections = {
+            "gossip": GossipConfig,
+            "limits": HostLimits,
+            "health": HealthConfig,
+            "discovery": DiscoveryConfig,
+        }
         kwargs: dict[str, Any] = {}
         for name, klass in sections.items():
             if name in raw:

@@ -48,19 +48,31 @@ class Node:
             self.host, self.metrics, negotiation_timeout=config.limits.stream_negotiation_timeout
         )
         self.gossip = GossipService(
-            self.host, identity, self.gate, self.metrics, config.gossip,
+            self.host,
+            identity,
+            self.gate,
+            self.metrics,
+            config.gossip,
             clock_ms=lambda: int(time.time() * 1000),
             disconnect=self.disconnect,
         )
         self.health = HealthMonitor(
-            self._rr, self.metrics, config.health,
-            connected_peers=self.peers, disconnect=self.disconnect,
+            self._rr,
+            self.metrics,
+            config.health,
+            connected_peers=self.peers,
+            disconnect=self.disconnect,
         )
         self.discovery = Discovery(
-            self._rr, self.metrics, self.gate,
-            me=self._record, bootstrap=config.bootstrap,
-            target_peers=config.discovery.target_peers, interval=config.discovery.interval,
-            connected_peers=self.peers, dial=self.connect,
+            self._rr,
+            self.metrics,
+            self.gate,
+            me=self._record,
+            bootstrap=config.bootstrap,
+            target_peers=config.discovery.target_peers,
+            interval=config.discovery.interval,
+            connected_peers=self.peers,
+            dial=self.connect,
         )
         self.metrics.gauge("peers", lambda: len(self.peers()))
         self.metrics_port: int | None = None
@@ -137,29 +149,63 @@ class Node:
 
     # -- request-response and streams ------------------------------------------------------
 
-    def serve(self, protocol: str, handler: Handler, *, max_request: int = 1 << 20,
-              max_response: int = 1 << 20, handler_timeout: float = 30.0,
-              max_streams_per_peer: int = 16) -> None:
+    def serve(
+        self,
+        protocol: str,
+        handler: Handler,
+        *,
+        max_request: int = 1 << 20,
+        max_response: int = 1 << 20,
+        handler_timeout: float = 30.0,
+        max_streams_per_peer: int = 16,
+    ) -> None:
         """Answer requests on ``protocol`` with ``async def handler(peer_id, request) -> bytes``."""
-        self._rr.serve(protocol, handler, ProtocolLimits(
-            max_request=max_request, max_response=max_response,
-            handler_timeout=handler_timeout, max_streams_per_peer=max_streams_per_peer))
+        self._rr.serve(
+            protocol,
+            handler,
+            ProtocolLimits(
+                max_request=max_request,
+                max_response=max_response,
+                handler_timeout=handler_timeout,
+                max_streams_per_peer=max_streams_per_peer,
+            ),
+        )
 
-    def serve_stream(self, protocol: str, handler: StreamHandler, *, max_message: int = 1 << 20,
-                     max_streams_per_peer: int = 16) -> None:
+    def serve_stream(
+        self,
+        protocol: str,
+        handler: StreamHandler,
+        *,
+        max_message: int = 1 << 20,
+        max_streams_per_peer: int = 16,
+    ) -> None:
         """Hand each inbound stream on ``protocol`` (framed) to ``async def handler(stream)``."""
-        self._rr.serve_stream(protocol, handler, ProtocolLimits(
-            max_request=max_message, max_response=max_message,
-            max_streams_per_peer=max_streams_per_peer, handler_timeout=1e9))
+        self._rr.serve_stream(
+            protocol,
+            handler,
+            ProtocolLimits(
+                max_request=max_message,
+                max_response=max_message,
+                max_streams_per_peer=max_streams_per_peer,
+                handler_timeout=1e9,
+            ),
+        )
 
-    async def request(self, peer_id: str, protocol: str, payload: bytes, *,
-                      timeout: float = 10.0, max_response: int | None = None) -> bytes:
+    async def request(
+        self,
+        peer_id: str,
+        protocol: str,
+        payload: bytes,
+        *,
+        timeout: float = 10.0,
+        max_response: int | None = None,
+    ) -> bytes:
         """One request, one response, within ``timeout`` seconds; typed errors otherwise."""
-        return await self._rr.request(peer_id, protocol, payload, timeout=timeout,
-                                      max_response=max_response)
+        return await self._rr.request(
+            peer_id, protocol, payload, timeout=timeout, max_response=max_response
+        )
 
-    def open_stream(self, peer_id: str, protocol: str, *,
-                    max_message: int = 1 << 20) -> Any:
+    def open_stream(self, peer_id: str, protocol: str, *, max_message: int = 1 << 20) -> Any:
         """``async with node.open_stream(peer, proto) as s:`` a framed stream for long exchanges."""
         return self._rr.open_stream(peer_id, protocol, max_message=max_message)
 
@@ -171,7 +217,7 @@ class Node:
             raise UsageError("the node is not running")
         self._nursery.start_soon(fn, *args)
 
-    async def _run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.gossip.run)
@@ -179,7 +225,9 @@ class Node:
             nursery.start_soon(self.discovery.run)
             if self.config.metrics_port is not None:
                 self.metrics_port = await nursery.start(
-                    serve_prometheus, self.metrics, self.config.metrics_host,
+                    serve_prometheus,
+                    self.metrics,
+                    self.config.metrics_host,
                     self.config.metrics_port,
                 )
             task_status.started()

@@ -30,10 +30,10 @@ from typing import Any
 import trio
 
 from phala_p2p.config import DiscoveryConfig, NodeConfig, Role
-from phala_p2p.net.health import HealthConfig
 from phala_p2p.crypto.identity import Identity
 from phala_p2p.crypto.keyfile import KEY_FILE_NAME, save_identity
 from phala_p2p.errors import P2PError, UsageError
+from phala_p2p.net.health import HealthConfig
 from phala_p2p.node import Node, open_node
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class Devnet:
             self._apply_gates(node)
         return node
 
-    async def _run_slot(self, slot: _Slot, task_status: trio.TaskStatus[Node]) -> None:
+    async def _run_slot(self, slot: _Slot, task_status: Any) -> None:
         try:
             async with open_node(slot.config) as node:
                 slot.node = node
@@ -262,7 +262,7 @@ async def open_devnet(
     if peers < 0:
         raise UsageError("peers must be >= 0")
     own_root = data_root is None
-    root = Path(tempfile.mkdtemp(prefix="phala-devnet-")) if own_root else Path(data_root)
+    root = Path(tempfile.mkdtemp(prefix="phala-devnet-")) if data_root is None else Path(data_root)
     root.mkdir(parents=True, exist_ok=True)
     seed_bytes = seed if seed is not None else os.urandom(16)
     discovery = DiscoveryConfig(target_peers=max(1, peers), interval=0.5)
@@ -278,17 +278,24 @@ async def open_devnet(
                 data_dir = root / f"node-{i}"
                 if not (data_dir / KEY_FILE_NAME).exists():
                     save_identity(data_dir / KEY_FILE_NAME, derive_identity(seed_bytes, i))
-                cfg = NodeConfig(role=node_role, data_dir=data_dir, bootstrap=bootstrap,
-                                 name=f"{node_role.value}-{i}", discovery=discovery,
-                                 health=health)
+                cfg = NodeConfig(
+                    role=node_role,
+                    data_dir=data_dir,
+                    bootstrap=bootstrap,
+                    name=f"{node_role.value}-{i}",
+                    discovery=discovery,
+                    health=health,
+                )
                 return configure(i, cfg) if configure else cfg
 
             net.bootstrap = await net.start_node(make_config(0, Role.BOOTSTRAP, ()))
             boot_addr = (net.bootstrap.listen_addrs[0],)
             async with trio.open_nursery() as starting:
+
                 async def start(i: int) -> None:
                     node = await net.start_node(make_config(i, role, boot_addr))
                     net.nodes.append(node)
+
                 for i in range(1, peers + 1):
                     starting.start_soon(start, i)
             net.nodes.sort(key=lambda n: n.config.name.rsplit("-", 1)[-1].zfill(6))

@@ -180,7 +180,8 @@ class Discovery:
         except P2PError as err:
             logger.debug("peer exchange failed: %s", err)
         candidates = [
-            r for r in self.known.values()
+            r
+            for r in self.known.values()
             if r.peer_id not in connected and not self._gate.is_denied(r.peer_id) and r.addrs
         ]
         # Back off while asking teaches nothing new and there is nobody left to dial.

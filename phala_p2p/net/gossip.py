@@ -128,8 +128,15 @@ class GossipConfig:
             raise UsageError("max_message_size must be in [64 B, 1 MiB] (GossipSub's RPC cap)")
         if not 1 <= self.queue_high_water <= 28:
             raise UsageError("queue_high_water must be in [1, 28] (the queue holds 32)")
-        for name in ("peer_msgs_per_s", "peer_msgs_burst", "peer_bytes_per_s",
-                     "peer_bytes_burst", "publish_timeout", "penalty_window_s", "ban_seconds"):
+        for name in (
+            "peer_msgs_per_s",
+            "peer_msgs_burst",
+            "peer_bytes_per_s",
+            "peer_bytes_burst",
+            "publish_timeout",
+            "penalty_window_s",
+            "ban_seconds",
+        ):
             if not getattr(self, name) > 0:
                 raise UsageError(f"{name} must be positive")
         if self.penalty_threshold < 1 or self.subscription_buffer < 1:
@@ -317,7 +324,7 @@ class GossipService:
         self.pubsub.dispatch = self._dispatch
         self.pubsub.on_bad_stream = self._on_bad_stream
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with background_trio_service(self.pubsub), background_trio_service(self.router):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._punisher)
@@ -342,9 +349,11 @@ class GossipService:
                 del self._announced[gone]
             if not self._joined:
                 continue
-            rpc = rpc_pb2.RPC(subscriptions=[
-                rpc_pb2.RPC.SubOpts(subscribe=True, topicid=t) for t in sorted(self._joined)
-            ])
+            rpc = rpc_pb2.RPC(
+                subscriptions=[
+                    rpc_pb2.RPC.SubOpts(subscribe=True, topicid=t) for t in sorted(self._joined)
+                ]
+            )
             for peer in peers:
                 done = self._announced.get(peer, 0)
                 queue = self.pubsub.peer_queues.get(peer)
@@ -569,5 +578,12 @@ def _check_topic(topic: str) -> None:
         raise UsageError(f"not a topic name: {topic!r}")
 
 
-__all__ = ["ACCEPT", "GossipConfig", "GossipMessage", "GossipService", "Subscription",
-           "Validation", "Verdict"]
+__all__ = [
+    "ACCEPT",
+    "GossipConfig",
+    "GossipMessage",
+    "GossipService",
+    "Subscription",
+    "Validation",
+    "Verdict",
+]

@@ -85,8 +85,9 @@ class HealthMonitor:
                 for peer in peers:
                     last = self._last_ok.setdefault(peer, now)
                     if now - last >= self.config.dead_after:
-                        logger.warning("peer %s did not answer pings for %.1fs: dropping it",
-                                       peer, now - last)
+                        logger.warning(
+                            "peer %s did not answer pings for %.1fs: dropping it", peer, now - last
+                        )
                         self._metrics.count("peers_dropped_unresponsive")
                         del self._last_ok[peer]
                         nursery.start_soon(self._disconnect, peer)

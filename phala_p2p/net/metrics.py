@@ -122,7 +122,7 @@ async def serve_prometheus(
     host: str,
     port: int,
     *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``GET /metrics`` as Prometheus text until cancelled; reports the bound port."""
 

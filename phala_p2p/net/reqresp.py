@@ -201,9 +201,7 @@ class RequestResponse:
     ) -> AsyncIterator[FramedStream]:
         """A framed stream to ``peer_id``; closed (or reset on error) when the block ends."""
         _check_protocol(protocol)
-        stream = await open_stream(
-            self._host, peer_id, protocol, timeout=self._negotiation_timeout
-        )
+        stream = await open_stream(self._host, peer_id, protocol, timeout=self._negotiation_timeout)
         fs = FramedStream(stream, peer_id=peer_id, protocol=protocol, max_message=max_message)
         ok = False
         try:

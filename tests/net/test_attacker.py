@@ -83,13 +83,16 @@ async def test_forged_replayed_and_skewed_envelopes_are_rejected_with_reasons() 
         now_ms = int(time.time() * 1000)
         other = Identity.generate()
         good = seal(identity, domain=TOPIC, kind=0, body=b"ok", seqno=1, time_ms=now_ms)
-        forged = bytearray(seal(identity, domain=TOPIC, kind=0, body=b"forged", seqno=2,
-                                time_ms=now_ms))
+        forged = bytearray(
+            seal(identity, domain=TOPIC, kind=0, body=b"forged", seqno=2, time_ms=now_ms)
+        )
         forged[-1] ^= 1  # flip a signature bit
-        wrong_domain = seal(identity, domain="other/topic", kind=0, body=b"x", seqno=3,
-                            time_ms=now_ms)
-        future = seal(identity, domain=TOPIC, kind=0, body=b"f", seqno=4,
-                      time_ms=now_ms + 3_600_000)
+        wrong_domain = seal(
+            identity, domain="other/topic", kind=0, body=b"x", seqno=3, time_ms=now_ms
+        )
+        future = seal(
+            identity, domain=TOPIC, kind=0, body=b"f", seqno=4, time_ms=now_ms + 3_600_000
+        )
         replay = seal(identity, domain=TOPIC, kind=0, body=b"again", seqno=1, time_ms=now_ms)
         impostor = seal(other, domain=TOPIC, kind=0, body=b"imp", seqno=5, time_ms=now_ms)
         async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
@@ -120,9 +123,7 @@ async def test_attacker_writing_malformed_frames_is_dropped_honest_peers_unaffec
     async with open_devnet(peers=3, seed=22) as net:
         victim, h1, _h2 = net.nodes
         subs = [await n.subscribe(TOPIC) for n in net.nodes]
-        await wait_until(
-            lambda: all(len(n.gossip.topic_peers(TOPIC)) >= 2 for n in net.nodes), 10
-        )
+        await wait_until(lambda: all(len(n.gossip.topic_peers(TOPIC)) >= 2 for n in net.nodes), 10)
         identity, host = await _attacker_stream(victim.listen_addrs[0])
         attacker = _peer(identity)
         async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
@@ -134,8 +135,7 @@ async def test_attacker_writing_malformed_frames_is_dropped_honest_peers_unaffec
                     await stream.write(_rpc(identity, os.urandom(50), i + 1))
                 except BaseLibp2pError:
                     break  # the victim already cut us off
-            await wait_until(lambda: victim.gate.is_denied(attacker), 10,
-                             message="attacker denied")
+            await wait_until(lambda: victim.gate.is_denied(attacker), 10, message="attacker denied")
             await wait_until(lambda: not victim.is_connected(attacker), 10)
             assert victim.metrics.get("peers_banned") == 1
             assert victim.metrics.rejected.get("malformed", 0) >= 5
@@ -149,7 +149,9 @@ async def test_attacker_writing_malformed_frames_is_dropped_honest_peers_unaffec
             if not refused:  # the dial completed on our side before the victim closed it
                 await wait_until(
                     lambda: not host.get_network().connections.get(ID.from_base58(victim.peer_id)),
-                    5, message="victim closes the banned attacker's new connection")
+                    5,
+                    message="victim closes the banned attacker's new connection",
+                )
             assert not victim.is_connected(attacker)
             await host.close()
         # honest gossip still flows everywhere
@@ -173,10 +175,14 @@ async def test_garbage_protobuf_frames_do_not_break_the_victim() -> None:
                 await stream.write(_varint(1 << 30))  # a length far over the RPC cap
             except BaseLibp2pError:
                 pass  # the victim may cut the stream after the first frame
-            await wait_until(lambda: victim.metrics.get("gossip_stream_errors") >= 1, 10,
-                             message="undecodable RPC noticed")
-            await wait_until(lambda: victim.gate.is_denied(_peer(identity)), 10,
-                             message="attacker denied")
+            await wait_until(
+                lambda: victim.metrics.get("gossip_stream_errors") >= 1,
+                10,
+                message="undecodable RPC noticed",
+            )
+            await wait_until(
+                lambda: victim.gate.is_denied(_peer(identity)), 10, message="attacker denied"
+            )
             await wait_until(lambda: not victim.is_connected(_peer(identity)), 10)
             assert victim.metrics.rejected.get("malformed_rpc") == 1
             await host.close()

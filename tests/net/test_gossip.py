@@ -24,7 +24,8 @@ async def _meshed(net, topic: str, subs) -> None:  # type: ignore[no-untyped-def
     try:
         await wait_until(ready, 15, message="gossip mesh")
     except TimeoutError:
-        print([len(n.gossip.topic_peers(topic)) for n in nodes], [len(n.gossip.mesh_peers(topic)) for n in nodes], [len(n.peers()) for n in nodes])
+        print("topic peers", [len(n.gossip.topic_peers(topic)) for n in nodes])
+        print("mesh peers", [len(n.gossip.mesh_peers(topic)) for n in nodes])
         raise
 
 
@@ -80,6 +81,7 @@ async def test_partition_keeps_messages_on_their_side_and_heal_reforms_mesh() ->
             with trio.fail_after(10):
                 msg = await subs[i].receive()
             assert msg.data == want
+
         # ... and nothing crossed: within a second (many times the delivery time on
         # one side), no subscriber sees the other side's message.
         async def nothing_more(i: int) -> None:
@@ -91,8 +93,8 @@ async def test_partition_keeps_messages_on_their_side_and_heal_reforms_mesh() ->
             for i in range(len(subs)):
                 n.start_soon(nothing_more, i)
 
+        await net.heal()  # returns once the cut pairs are dialed again
         start = trio.current_time()
-        await net.heal()
 
         def reformed() -> bool:
             # every node knows all 9 others on the topic again and has a full mesh

@@ -97,8 +97,11 @@ async def test_devnet_restart_keeps_identity_and_reconnects() -> None:
 
 async def test_one_bootstrap_address_is_enough_to_find_everyone() -> None:
     async with open_devnet(peers=5, seed=12, full_mesh=False) as net:
-        await wait_until(lambda: all(len(n.peers()) == 5 for n in net.nodes), 20,
-                         message="discovery of every peer")
+        await wait_until(
+            lambda: all(len(n.peers()) == 5 for n in net.nodes),
+            20,
+            message="discovery of every peer",
+        )
         roles = net.nodes[0].discovery.roles
         assert roles.get(net.bootstrap.peer_id) == "bootstrap"
 
@@ -145,8 +148,17 @@ async def test_metrics_and_prometheus_endpoint() -> None:
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs POSIX signals")
 async def test_frozen_peer_process_is_dropped_within_5s(tmp_path: Path) -> None:
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "phala_p2p.cli", "--json", "node", "--role", "client",
-         "--listen", "/ip4/127.0.0.1/tcp/0"],
+        [
+            sys.executable,
+            "-m",
+            "phala_p2p.cli",
+            "--json",
+            "node",
+            "--role",
+            "client",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ],
         stdout=subprocess.PIPE,
     )
     try:
@@ -161,8 +173,9 @@ async def test_frozen_peer_process_is_dropped_within_5s(tmp_path: Path) -> None:
             await wait_until(lambda: node.health.rtt.get(ready["peer_id"]) is not None, 10)
             os.kill(proc.pid, signal.SIGSTOP)
             stopped_at = trio.current_time()
-            await wait_until(lambda: not node.is_connected(ready["peer_id"]), 10,
-                             message="frozen peer dropped")
+            await wait_until(
+                lambda: not node.is_connected(ready["peer_id"]), 10, message="frozen peer dropped"
+            )
             assert trio.current_time() - stopped_at < 5.0
             assert node.metrics.get("peers_dropped_unresponsive") == 1
     finally:
