@@ -116,6 +116,13 @@ async def _run_node(cfg: NodeConfig, as_json: bool, hello_every: float = 0.0) ->
     from phala_p2p.node import open_node
 
     async with open_node(cfg) as node:
+        from phala_p2p.net.logs import PeerIdFilter
+
+        for handler in logging.getLogger().handlers:  # every log line names this node
+            handler.addFilter(PeerIdFilter(node.peer_id))
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s [%(peer)s] %(name)s: %(message)s")
+            )
         ready = {
             "event": "ready",
             "peer_id": node.peer_id,

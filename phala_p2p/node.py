@@ -22,6 +22,7 @@ from phala_p2p.config import NodeConfig, Role
 from phala_p2p.crypto.identity import Identity
 from phala_p2p.crypto.keyfile import load_or_create_identity
 from phala_p2p.errors import PeerUnreachable, UsageError
+from phala_p2p.net.dht import Dht
 from phala_p2p.net.discovery import Discovery, PeerRecord
 from phala_p2p.net.gossip import GossipMessage, GossipService, Subscription, Validation
 from phala_p2p.net.health import HealthMonitor
@@ -43,7 +44,13 @@ class Node:
         self.peer_id: str = peer_id_of(identity.public_key)
         self.metrics = Metrics()
         self.gate = PeerGate()
-        self.host: Any = build_host(identity, config.listen, gate=self.gate, limits=config.limits)
+        self.host: Any = build_host(
+            identity,
+            config.listen,
+            gate=self.gate,
+            limits=config.limits,
+            mdns=config.discovery.mdns,
+        )
         self._rr = RequestResponse(
             self.host, self.metrics, negotiation_timeout=config.limits.stream_negotiation_timeout
         )
@@ -74,6 +81,8 @@ class Node:
             connected_peers=self.peers,
             dial=self.connect,
         )
+        self.dht = Dht(self.host, server=config.role.dht_server)
+        self.discovery.on_role = self._on_role
         self.metrics.gauge("peers", lambda: len(self.peers()))
         self.metrics_port: int | None = None
         self._nursery: trio.Nursery | None = None
@@ -125,6 +134,17 @@ class Node:
         except (BaseLibp2pError, OSError) as err:
             raise PeerUnreachable(f"cannot connect to {addr}: {err}") from err
         return peer
+
+    def _on_role(self, peer_id: str, role: str) -> None:
+        if role in ("bootstrap", "gatekeeper") and self._nursery is not None:
+            self._nursery.start_soon(self.dht.add_server, peer_id)
+
+    async def find_peer(self, peer_id: str, *, timeout: float = 10.0) -> list[str]:
+        """Dialable addresses of ``peer_id``: from what this node knows, else the DHT."""
+        known = self.discovery.known.get(peer_id)
+        if known is not None and known.addrs:
+            return [f"{a}/p2p/{peer_id}" for a in known.addrs]
+        return await self.dht.find_peer(peer_id, timeout=timeout)
 
     async def disconnect(self, peer_id: str) -> None:
         """Close every connection to ``peer_id`` (bounded: at most 5 s)."""
@@ -221,6 +241,7 @@ class Node:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.gossip.run)
+            await nursery.start(self.dht.run)
             nursery.start_soon(self.health.run)
             nursery.start_soon(self.discovery.run)
             if self.config.metrics_port is not None:

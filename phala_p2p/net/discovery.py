@@ -96,6 +96,7 @@ class Discovery:
         self.roles: dict[str, str] = {}  # as each peer reported itself
         self.bootstrapped = trio.Event()
         self._asked: set[str] = set()
+        self.on_role: Callable[[str, str], None] = lambda peer, role: None
         self._next_ask = 0.0
         self._backoff = interval
         reqresp.serve(
@@ -127,6 +128,7 @@ class Discovery:
         records = decode_records(answer)
         if records and records[0].peer_id == peer_id:
             self.roles[peer_id] = records[0].role
+            self.on_role(peer_id, records[0].role)
         for rec in records:
             if rec.peer_id != self._me().peer_id:
                 if len(self.known) < MAX_KNOWN or rec.peer_id in self.known:

@@ -169,6 +169,7 @@ def build_host(
     *,
     gate: PeerGate,
     limits: HostLimits,
+    mdns: bool = False,
 ) -> BasicHost:
     """A py-libp2p host speaking Noise + Yamux only, with the gate in its swarm."""
     key_pair = libp2p_key_pair(identity)
@@ -217,7 +218,8 @@ def build_host(
     swarm.gate = gate
     resource_manager = new_resource_manager()
     swarm.set_resource_manager(resource_manager)
-    return BasicHost(network=swarm, resource_manager=resource_manager)
+    # mDNS announces this host on the LAN: off unless asked for.
+    return BasicHost(network=swarm, resource_manager=resource_manager, enable_mDNS=mdns)
 
 
 def _is_ws(addr: multiaddr.Multiaddr) -> bool:
