@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import multiaddr
+import multiaddr.exceptions
 
 from phala_p2p.errors import UsageError
 from phala_p2p.net.gossip import GossipConfig
@@ -146,5 +147,5 @@ def _build(klass: Any, values: Any, section: str) -> Any:
 def _protocol_names(addr: str, what: str) -> set[str]:
     try:
         return {p.name for p in multiaddr.Multiaddr(addr).protocols()}
-    except Exception as err:  # multiaddr raises assorted types for bad text
+    except (ValueError, multiaddr.exceptions.Error) as err:
         raise UsageError(f"{what} address {addr!r} is not a multiaddr: {err}") from err

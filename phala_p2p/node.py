@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import multiaddr
+import multiaddr.exceptions
 import trio
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
@@ -119,7 +120,7 @@ class Node:
         """Dial a full multiaddr (with ``/p2p/<id>``); returns the peer id."""
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-        except Exception as err:  # multiaddr raises assorted types for bad text
+        except (ValueError, multiaddr.exceptions.Error) as err:
             raise UsageError(f"not a dialable multiaddr with /p2p/<id>: {addr!r}") from err
         peer = str(info.peer_id)
         if peer == self.peer_id:
