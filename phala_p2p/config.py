@@ -49,6 +49,30 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True)
+class ChainConfig:
+    """Node-local chain settings (the chain's own parameters are in its genesis)."""
+
+    durable: bool = True  # fsync each block before acknowledging it (off only for tests)
+    rebroadcast_interval: float = 2.0  # re-send own consensus messages when a height stalls
+    sync_interval: float = 3.0  # ask a peer for blocks after this long without a new one
+    sync_batch: int = 64  # blocks per sync request
+    resend_interval: float = 3.0  # publish own pending transactions again after this long
+    receipt_timeout: float = 60.0  # wallet calls give up waiting for finality after this
+    mempool_max_txs: int = 10_000
+    mempool_max_bytes: int = 16 * 1024 * 1024
+    byzantine_double_sign: bool = False  # TESTS ONLY: double-sign every vote
+
+    def __post_init__(self) -> None:
+        for name in ("rebroadcast_interval", "sync_interval", "resend_interval", "receipt_timeout"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"[chain] {name} must be > 0")
+        if not 1 <= self.sync_batch <= 64:
+            raise UsageError("[chain] sync_batch must be in 1..64")
+        if self.mempool_max_txs < 1 or self.mempool_max_bytes < 1:
+            raise UsageError("[chain] mempool bounds must be >= 1")
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything a node needs to start. ``NodeConfig.from_toml(path)`` reads one from a file."""
 
@@ -63,6 +87,9 @@ class NodeConfig:
     limits: HostLimits = field(default_factory=HostLimits)
     health: HealthConfig = field(default_factory=HealthConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    genesis: Path | None = None  # the chain's genesis TOML; None: this node keeps no chain
+    wallet_key: Path | None = None  # the account's key file; None: the node's identity key
+    chain: ChainConfig = field(default_factory=ChainConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.role, Role):
@@ -86,6 +113,10 @@ class NodeConfig:
                 raise UsageError(f"bootstrap address {addr} must end with /p2p/<peer id>")
         if self.data_dir is not None and not isinstance(self.data_dir, Path):
             object.__setattr__(self, "data_dir", Path(self.data_dir))
+        for name in ("genesis", "wallet_key"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise UsageError("metrics_port must be in [0, 65535]")
 
@@ -95,7 +126,8 @@ class NodeConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> NodeConfig:
         """Read a config file: top-level keys of ``[node]``, plus optional ``[gossip]``,
-        ``[limits]``, ``[health]`` and ``[discovery]`` tables. Unknown keys are errors."""
+        ``[limits]``, ``[health]``, ``[discovery]`` and ``[chain]`` tables. Relative paths
+        are relative to the file. Unknown keys are errors."""
         p = Path(path)
         try:
             raw = tomllib.loads(p.read_text())
@@ -114,6 +146,7 @@ class NodeConfig:
             "limits": HostLimits,
             "health": HealthConfig,
             "discovery": DiscoveryConfig,
+            "chain": ChainConfig,
         }
         kwargs: dict[str, Any] = {}
         for name, klass in sections.items():
@@ -125,9 +158,10 @@ class NodeConfig:
         unknown = set(node) - allowed
         if unknown:
             raise UsageError(f"unknown [node] keys: {', '.join(sorted(unknown))}")
-        if "data_dir" in node and node["data_dir"] is not None:
-            d = Path(node["data_dir"]).expanduser()
-            node["data_dir"] = d if d.is_absolute() or base_dir is None else base_dir / d
+        for key in ("data_dir", "genesis", "wallet_key"):
+            if node.get(key) is not None:
+                d = Path(node[key]).expanduser()
+                node[key] = d if d.is_absolute() or base_dir is None else base_dir / d
         return cls(**node, **kwargs)
 
 

@@ -19,9 +19,10 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
+from phala_p2p.chain.params import Genesis
 from phala_p2p.config import NodeConfig, Role
 from phala_p2p.crypto.identity import Identity
-from phala_p2p.crypto.keyfile import load_or_create_identity
+from phala_p2p.crypto.keyfile import load_or_create_identity, read_identity
 from phala_p2p.errors import PeerUnreachable, UsageError
 from phala_p2p.net.dht import Dht
 from phala_p2p.net.discovery import Discovery, PeerRecord
@@ -31,6 +32,7 @@ from phala_p2p.net.host import PeerGate, build_host, peer_id_of
 from phala_p2p.net.logs import tame_libp2p_loggers
 from phala_p2p.net.metrics import Metrics, serve_prometheus
 from phala_p2p.net.reqresp import Handler, ProtocolLimits, RequestResponse, StreamHandler
+from phala_p2p.services.chain import STORE_FILE, ChainService, Wallet
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,31 @@ class Node:
         self.metrics.gauge("peers", lambda: len(self.peers()))
         self.metrics_port: int | None = None
         self._nursery: trio.Nursery | None = None
+        self._chain: ChainService | None = None
+        if config.genesis is not None:
+            self._chain = _open_chain(self, config)
+
+    # -- chain -----------------------------------------------------------------------------
+
+    @property
+    def chain(self) -> ChainService:
+        """This node's copy of the chain (``head``, ``block(h)``, ``state``)."""
+        if self._chain is None:
+            raise UsageError("this node keeps no chain: set `genesis` in its config")
+        return self._chain
+
+    @property
+    def has_chain(self) -> bool:
+        return self._chain is not None
+
+    @property
+    def account(self) -> bytes:
+        """The account this node signs transactions with (its identity key by default)."""
+        return self.chain.account
+
+    @property
+    def wallet(self) -> Wallet:
+        return Wallet(self.chain)
 
     def __repr__(self) -> str:
         name = f" {self.config.name}" if self.config.name else ""
@@ -243,6 +270,8 @@ class Node:
             self._nursery = nursery
             await nursery.start(self.gossip.run)
             await nursery.start(self.dht.run)
+            if self._chain is not None:
+                await nursery.start(self._chain.run)
             nursery.start_soon(self.health.run)
             nursery.start_soon(self.discovery.run)
             if self.config.metrics_port is not None:
@@ -265,20 +294,34 @@ async def open_node(config: NodeConfig | None = None) -> AsyncIterator[Node]:
     else:
         identity = Identity.generate()
     node = Node(config, identity)
-    async with node.host.run([multiaddr.Multiaddr(a) for a in config.listen]):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(node._run)
-            logger.info("%s listening on %s", node, ", ".join(node.listen_addrs))
-            try:
-                yield node
-            finally:
-                nursery.cancel_scope.cancel()
-                node._nursery = None
-        # Close connections while the host's background tasks still run, so every
-        # transport (WebSocket included) shuts its sockets down properly.
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            async with trio.open_nursery() as closing:
-                for peer in node.peers():
-                    closing.start_soon(node.disconnect, peer)
-        with trio.CancelScope(shield=True), trio.move_on_after(1):
-            await node.host.close()
+    try:
+        async with node.host.run([multiaddr.Multiaddr(a) for a in config.listen]):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node._run)
+                logger.info("%s listening on %s", node, ", ".join(node.listen_addrs))
+                try:
+                    yield node
+                finally:
+                    nursery.cancel_scope.cancel()
+                    node._nursery = None
+            # Close connections while the host's background tasks still run, so every
+            # transport (WebSocket included) shuts its sockets down properly.
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                async with trio.open_nursery() as closing:
+                    for peer in node.peers():
+                        closing.start_soon(node.disconnect, peer)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await node.host.close()
+    finally:
+        if node._chain is not None:
+            node._chain.close()
+
+
+def _open_chain(node: Node, config: NodeConfig) -> ChainService:
+    assert config.genesis is not None
+    genesis = Genesis.from_toml(config.genesis)
+    signer = node.identity if config.wallet_key is None else read_identity(config.wallet_key)
+    store = ":memory:" if config.data_dir is None else config.data_dir / STORE_FILE
+    if config.data_dir is not None:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    return ChainService(node, genesis, config.chain, signer=signer, store_path=store)

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ from typing import Any
 
 import trio
 
-from phala_p2p.config import DiscoveryConfig, NodeConfig, Role
+from phala_p2p.chain.params import ChainParams, Genesis
+from phala_p2p.config import ChainConfig, DiscoveryConfig, NodeConfig, Role
 from phala_p2p.crypto.identity import Identity
 from phala_p2p.crypto.keyfile import KEY_FILE_NAME, save_identity
 from phala_p2p.errors import P2PError, UsageError
@@ -101,9 +103,27 @@ class Devnet:
         self._slots: dict[str, _Slot] = {}
         self._groups: list[set[str]] | None = None
         self._cut_pairs: set[tuple[str, str]] = set()
+        self.genesis: Genesis | None = None
 
     def by_role(self, role: Role) -> list[Node]:
         return [n for n in self.nodes if n.role is role]
+
+    @property
+    def gatekeepers(self) -> list[Node]:
+        return self.by_role(Role.GATEKEEPER)
+
+    @property
+    def miners(self) -> list[Node]:
+        return self.by_role(Role.MINER)
+
+    @property
+    def clients(self) -> list[Node]:
+        return self.by_role(Role.CLIENT)
+
+    @property
+    def running(self) -> list[Node]:
+        """Nodes (bootstrap included) that are running now."""
+        return [n for n in self.all_nodes if self._slots[n.peer_id].node is n]
 
     @property
     def all_nodes(self) -> list[Node]:
@@ -241,31 +261,103 @@ class Devnet:
             logger.info("redial %s -> %s after heal failed: %s", a, b, err)
 
 
+DEVNET_BALANCE = 1_000_000_000
+DEVNET_STAKE = 100_000
+
+
+def devnet_genesis(
+    seed: int | bytes,
+    *,
+    gatekeepers: int,
+    accounts: int,
+    params: ChainParams | dict[str, int] | None = None,
+    balance: int = DEVNET_BALANCE,
+    stake: int = DEVNET_STAKE,
+    stakes: Sequence[int] | None = None,
+    chain_id: str | None = None,
+    **extra: Any,
+) -> Genesis:
+    """The genesis of a devnet made with ``seed``: node ``i`` (1..gatekeepers) is a
+    gatekeeper with ``stake`` (or ``stakes[i-1]``); nodes 0..accounts-1 are funded."""
+    if gatekeepers < 1:
+        raise UsageError("a chain needs at least one gatekeeper")
+    if stakes is not None and len(stakes) != gatekeepers:
+        raise UsageError("stakes must name one stake per gatekeeper")
+    if isinstance(params, dict):
+        params = ChainParams().with_changes(params)
+    base = seed if isinstance(seed, bytes) else str(seed).encode()
+    keepers = tuple(
+        (derive_identity(seed, i).public_key, stakes[i - 1] if stakes else stake)
+        for i in range(1, gatekeepers + 1)
+    )
+    funded = tuple((derive_identity(seed, i).public_key, balance) for i in range(accounts))
+    return Genesis(
+        chain_id=chain_id or "devnet-" + hashlib.blake2b(base, digest_size=4).hexdigest(),
+        genesis_time=int(time.time()) - 1,
+        gatekeepers=keepers,
+        accounts=funded,
+        params=params or ChainParams(),
+        **extra,
+    )
+
+
 @asynccontextmanager
 async def open_devnet(
-    peers: int = 4,
+    peers: int | None = None,
     *,
+    gatekeepers: int = 0,
+    miners: int = 0,
+    clients: int = 0,
     seed: int | bytes | None = None,
     role: Role = Role.CLIENT,
     data_root: str | Path | None = None,
     configure: Callable[[int, NodeConfig], NodeConfig] | None = None,
     full_mesh: bool = True,
     connect_timeout: float = 20.0,
+    genesis: Genesis | None = None,
+    chain_params: ChainParams | dict[str, int] | None = None,
+    chain: ChainConfig | None = None,
 ) -> AsyncIterator[Devnet]:
-    """Start a bootstrap node and ``peers`` nodes that know only its address.
+    """Start a bootstrap node, then ``gatekeepers``, ``miners`` and ``clients`` (and
+    ``peers`` more nodes of ``role``); every node knows only the bootstrap node's address.
+
+    With gatekeepers (or a ``genesis``) every node keeps the chain: the devnet writes a
+    genesis where node ``i`` of ``1..gatekeepers`` is a gatekeeper and every node's account
+    is funded (``chain_params`` overrides chain parameters). ``peers`` defaults to 4 when
+    no role is counted, else 0.
 
     ``seed`` makes identities reproducible; ``data_root`` keeps data dirs (a temporary
     folder, removed at the end, otherwise). ``configure(i, cfg)`` may adjust each node's
     config. With ``full_mesh`` the devnet returns once every node is connected to every
     other (as discovery makes it); otherwise once each is connected to the bootstrap node.
     """
-    if peers < 0:
-        raise UsageError("peers must be >= 0")
+    if peers is None:
+        peers = 4 if gatekeepers + miners + clients == 0 else 0
+    if min(peers, gatekeepers, miners, clients) < 0:
+        raise UsageError("node counts must be >= 0")
+    roles = (
+        [Role.GATEKEEPER] * gatekeepers
+        + [Role.MINER] * miners
+        + [Role.CLIENT] * clients
+        + [role] * peers
+    )
     own_root = data_root is None
     root = Path(tempfile.mkdtemp(prefix="phala-devnet-")) if data_root is None else Path(data_root)
     root.mkdir(parents=True, exist_ok=True)
     seed_bytes = seed if seed is not None else os.urandom(16)
-    discovery = DiscoveryConfig(target_peers=max(1, peers), interval=0.5)
+    genesis_path: Path | None = None
+    if genesis is not None or gatekeepers > 0:
+        genesis_path = root / "genesis.toml"
+        if genesis is None and genesis_path.exists():
+            genesis = Genesis.from_toml(genesis_path)
+        if genesis is None:
+            genesis = devnet_genesis(
+                seed_bytes, gatekeepers=gatekeepers, accounts=len(roles) + 1, params=chain_params
+            )
+        genesis.write_toml(genesis_path)
+    chain_config = chain or ChainConfig()
+    total = len(roles)
+    discovery = DiscoveryConfig(target_peers=max(1, total), interval=0.5)
     # Every node of an in-process devnet shares one event loop (and, here, two cores):
     # a heavy test can delay a ping by seconds, so pings here forgive more than the
     # default (one node per process). Pass ``configure`` to test health itself.
@@ -273,6 +365,7 @@ async def open_devnet(
     try:
         async with trio.open_nursery() as nursery:
             net = Devnet(nursery, root)
+            net.genesis = genesis
 
             def make_config(i: int, node_role: Role, bootstrap: tuple[str, ...]) -> NodeConfig:
                 data_dir = root / f"node-{i}"
@@ -285,6 +378,8 @@ async def open_devnet(
                     name=f"{node_role.value}-{i}",
                     discovery=discovery,
                     health=health,
+                    genesis=genesis_path,
+                    chain=chain_config,
                 )
                 return configure(i, cfg) if configure else cfg
 
@@ -293,10 +388,10 @@ async def open_devnet(
             async with trio.open_nursery() as starting:
 
                 async def start(i: int) -> None:
-                    node = await net.start_node(make_config(i, role, boot_addr))
+                    node = await net.start_node(make_config(i, roles[i - 1], boot_addr))
                     net.nodes.append(node)
 
-                for i in range(1, peers + 1):
+                for i in range(1, total + 1):
                     starting.start_soon(start, i)
             net.nodes.sort(key=lambda n: n.config.name.rsplit("-", 1)[-1].zfill(6))
             everyone = net.all_nodes

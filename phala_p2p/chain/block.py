@@ -115,6 +115,10 @@ class Block:
     def height(self) -> int:
         return self.header.height
 
+    @property
+    def transactions(self) -> tuple[Tx, ...]:
+        return self.txs
+
     def txs_match_root(self) -> bool:
         return txs_root(self.txs) == self.header.txs_root
 

@@ -134,6 +134,9 @@ class ConsensusConfig:
     """Node-local knobs (the chain's timeouts are in ChainParams)."""
 
     rebroadcast_interval: float = 2.0  # re-send own current-round messages (gossip is lossy)
+    # with transactions waiting, the round-0 proposer starts this long after the last block
+    # instead of waiting out block_time (which then only paces empty blocks)
+    min_block_interval: float = 0.05
     sync_after: float = 3.0  # behind for this long (seen height+1 traffic) -> NeedSync
     sync_retry: float = 2.0  # least seconds between two NeedSync for the same target
     round_window: int = 64  # votes further than this many rounds ahead only count for skips
@@ -144,6 +147,8 @@ class ConsensusConfig:
         for name in ("rebroadcast_interval", "sync_after", "sync_retry"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"ConsensusConfig.{name} must be > 0")
+        if self.min_block_interval < 0:
+            raise UsageError("ConsensusConfig.min_block_interval must be >= 0")
         if self.round_window < 1 or self.future_buffer < 0:
             raise UsageError("ConsensusConfig.round_window >= 1 and future_buffer >= 0")
 
@@ -203,6 +208,7 @@ class Consensus:
         self._h = _Height(view.next_height, view.validators)
         self._round_started = False
         self._start_at = 0.0
+        self._entered_at = 0.0
         self._start_round = 0
         self._timeouts: dict[Step, tuple[float, int]] = {}
         self._rebroadcast_at: float | None = None
@@ -265,6 +271,24 @@ class Consensus:
         self._evaluate(now, actions)
         return actions
 
+    def on_txs_available(self, now: float) -> list[Action]:
+        """Transactions wait in the mempool. If this node proposes round 0 of the height and
+        is still waiting out ``block_time``, it starts ``min_block_interval`` after the last
+        block instead (the others start when its proposal arrives)."""
+        self._require_started()
+        actions: list[Action] = []
+        if self._round_started or self._start_round != 0 or not self.is_validator:
+            return actions
+        if self.view.proposer(0) != self.me:
+            return actions
+        early = max(now, self._entered_at + self.config.min_block_interval)
+        if early < self._start_at:
+            self._start_at = early
+            actions.append(ScheduleTimeout(early))
+            self._on_timers(now, actions)
+            self._evaluate(now, actions)
+        return actions
+
     def on_message(self, msg: Proposal | Vote, now: float) -> list[Action]:
         if isinstance(msg, Proposal):
             return self.on_proposal(msg, now)
@@ -282,6 +306,10 @@ class Consensus:
             self._note_future(p, p.proposer, p.sign_bytes(self.view.chain_id), now, actions)
             return actions
         self._add_proposal(p, verified=False)
+        if p.round == 0 and not self._round_started and self._start_round == 0:
+            # the proposer started early (transactions were waiting): so do we
+            self._start_at = min(self._start_at, now)
+            self._on_timers(now, actions)
         self._evaluate(now, actions)
         return actions
 
@@ -352,6 +380,10 @@ class Consensus:
         self._round_started = False
         self._start_round = 0
         self._start_at = now + delay
+        self._entered_at = now
+        if self._rebroadcast_at is not None:
+            # re-send only when a height takes longer than the interval
+            self._rebroadcast_at = self._start_at + self.config.rebroadcast_interval
         self._timeouts.clear()
         self._own.clear()
         self._behind_since = None

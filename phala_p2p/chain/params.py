@@ -43,7 +43,7 @@ class ChainParams:
     evidence_max_age_blocks: int = 1_000
     max_block_txs: int = 500
     max_tx_size: int = 4_096
-    max_block_bytes: int = 1_048_576
+    max_block_bytes: int = 917_504  # a proposal must fit one gossip message (1 MiB)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -85,6 +85,13 @@ class ChainParams:
         if name not in self.names():
             raise UsageError(f"unknown chain parameter {name!r}")
         return dataclasses.replace(self, **{name: value})
+
+    def with_changes(self, changes: dict[str, int]) -> ChainParams:
+        """A copy with several parameters changed (UsageError for unknown names)."""
+        unknown = set(changes) - set(self.names())
+        if unknown:
+            raise UsageError(f"unknown chain parameters: {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.names()}

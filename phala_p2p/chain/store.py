@@ -108,6 +108,33 @@ class BlockStore:
             raise ChainError(f"cannot store block {block.height}: {err}") from err
         self._head = block.height
 
+    def put_blocks(self, blocks: list[tuple[Block, Commit]]) -> None:
+        """Store consecutive next blocks in one transaction; durable when this returns."""
+        if not blocks:
+            return
+        rows = []
+        expect = self._head + 1
+        for block, commit in blocks:
+            if block.height != expect:
+                raise UsageError(f"store expects height {expect}, got {block.height}")
+            if commit.height != block.height or commit.block_hash != block.hash:
+                raise UsageError("commit does not certify this block")
+            rows.append((block.height, block.hash, encode(CommittedBlock(block, commit))))
+            expect += 1
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO blocks (height, hash, data) VALUES (?, ?, ?)", rows
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as err:
+            raise ChainError(f"cannot store blocks {rows[0][0]}..{rows[-1][0]}: {err}") from err
+        self._head = expect - 1
+
     def get_raw(self, height: int) -> bytes | None:
         """The stored wire encoding of the ``CommittedBlock`` at ``height``."""
         row = self._db.execute("SELECT data FROM blocks WHERE height=?", (height,)).fetchone()
