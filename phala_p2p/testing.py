@@ -317,13 +317,15 @@ async def open_devnet(
     genesis: Genesis | None = None,
     chain_params: ChainParams | dict[str, int] | None = None,
     chain: ChainConfig | None = None,
+    genesis_stakes: Sequence[int] | None = None,
 ) -> AsyncIterator[Devnet]:
     """Start a bootstrap node, then ``gatekeepers``, ``miners`` and ``clients`` (and
     ``peers`` more nodes of ``role``); every node knows only the bootstrap node's address.
 
     With gatekeepers (or a ``genesis``) every node keeps the chain: the devnet writes a
     genesis where node ``i`` of ``1..gatekeepers`` is a gatekeeper and every node's account
-    is funded (``chain_params`` overrides chain parameters). ``peers`` defaults to 4 when
+    is funded (``chain_params`` overrides chain parameters, ``genesis_stakes`` sets each
+    gatekeeper's stake). ``peers`` defaults to 4 when
     no role is counted, else 0.
 
     ``seed`` makes identities reproducible; ``data_root`` keeps data dirs (a temporary
@@ -352,7 +354,11 @@ async def open_devnet(
             genesis = Genesis.from_toml(genesis_path)
         if genesis is None:
             genesis = devnet_genesis(
-                seed_bytes, gatekeepers=gatekeepers, accounts=len(roles) + 1, params=chain_params
+                seed_bytes,
+                gatekeepers=gatekeepers,
+                accounts=len(roles) + 1,
+                params=chain_params,
+                stakes=genesis_stakes,
             )
         genesis.write_toml(genesis_path)
     chain_config = chain or ChainConfig()

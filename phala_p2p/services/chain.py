@@ -602,6 +602,7 @@ class ChainService:
         """Fetch finalized blocks from peers until none has more; returns how many applied."""
         applied = 0
         tried = 0
+        self._metrics.count("sync_attempts")
         for peer in self._sync_peers():
             if tried >= max_peers:
                 break
