@@ -227,6 +227,7 @@ class Network:
             height, block_hash = event["height"], str(event.get("hash"))
             peer.height = max(peer.height, height)
             first = self.hashes.setdefault(height, (block_hash, peer.name))
+            self.hashes.pop(height - 1000, None)  # bounded: forks are compared near the head
             if first[0] != block_hash:
                 self.fail(
                     f"fork at height {height}: {first[1]} finalized {first[0][:16]}, "
@@ -269,9 +270,9 @@ class Network:
 
 
 async def stop_on_signal(scope: trio.CancelScope, caught: list[int]) -> None:
-    """SIGTERM or SIGHUP stop the network as Ctrl-C does (the nodes run in their own
-    sessions, so no signal reaches them but the launcher's)."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+    """Ctrl-C (SIGINT), SIGTERM or SIGHUP stop the network. The nodes run in their own
+    sessions, so no signal reaches them but the launcher's, which then stops them by PID."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             caught.append(signum)
             scope.cancel()
@@ -376,7 +377,8 @@ async def main(args: argparse.Namespace) -> int:
         with trio.CancelScope(shield=True):
             await stop_all(net.nodes)
         if caught:
-            print(f"\nstopped by signal {signal.Signals(caught[0]).name}")
+            name = signal.Signals(caught[0]).name
+            print("\ninterrupted" if name == "SIGINT" else f"\nstopped by {name}")
             code = 128 + caught[0]
         print(f"stopped {len(net.nodes)} processes")
         if own_dir and args.demo and code == 0:

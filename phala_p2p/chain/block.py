@@ -236,10 +236,14 @@ def verify_commit(
     block: Block,
     commit: Commit,
     valset: ValidatorSet,
+    *,
+    light: bool = False,
 ) -> None:
     """Check that ``commit`` certifies ``block`` with > 2/3 of ``valset``'s power.
 
-    Raises ProtocolViolation(reason="bad_commit"). Every included signature is checked.
+    Raises ProtocolViolation(reason="bad_commit"). Every included signature is checked,
+    unless ``light``: then signatures are checked only until they carry more than 2/3 of
+    the power (CometBFT's VerifyCommitLight; the rest must still be sorted gatekeepers).
     """
     if commit.height != block.height or commit.block_hash != block.hash:
         raise ProtocolViolation("commit is for another block", reason="bad_commit")
@@ -257,6 +261,8 @@ def verify_commit(
         weight = valset.power(sig.validator)
         if weight == 0:
             raise ProtocolViolation("commit signed by a non-validator", reason="bad_commit")
+        if light and valset.has_two_thirds(power):
+            continue
         if not verify_signature(sig.validator, sign_bytes, sig.signature):
             raise ProtocolViolation("bad commit signature", reason="bad_commit")
         power += weight

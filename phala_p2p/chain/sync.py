@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+import msgpack
+
 from phala_p2p.chain.block import MAX_HEIGHT, CommittedBlock
 from phala_p2p.chain.params import ChainParams
 from phala_p2p.chain.view import ChainView
-from phala_p2p.errors import ProtocolViolation, UsageError
-from phala_p2p.wire.codec import decode, message
+from phala_p2p.errors import ChainError, ProtocolViolation, UsageError
+from phala_p2p.wire.codec import WIRE_VERSION, decode, kind_of, message
 
 MAX_STORED_BLOCK = 64 * 1024 * 1024
 MAX_SYNC_BLOCKS = 64
@@ -94,6 +96,61 @@ def serve_sync(
         blocks.append(decode(raw, max_size=MAX_STORED_BLOCK, expect=CommittedBlock))
         height += 1
     return SyncResponse(head, tuple(blocks))
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    return b"\xdc" + n.to_bytes(2, "big")
+
+
+def serve_sync_bytes(
+    request: SyncRequest, source: BlockSource, *, max_bytes: int = MAX_SYNC_BYTES
+) -> bytes:
+    """``encode(serve_sync(...))``, byte for byte, spliced from the stored encodings
+    without decoding them (a server's work per block is a read and a copy)."""
+    if max_bytes <= 0:
+        raise UsageError("max_bytes must be > 0")
+    head = source.head()
+    parts: list[bytes] = []
+    used = 0
+    height = request.start_height
+    last = min(head, request.start_height + request.max_blocks - 1)
+    while height <= last:
+        raw = source.get_raw(height)
+        if raw is None:
+            break
+        if parts and used + len(raw) > max_bytes:
+            break
+        used += len(raw)
+        parts.append(_fields_of_stored(raw))
+        height += 1
+    return b"".join(
+        (
+            _array_header(3),
+            msgpack.packb(WIRE_VERSION),
+            msgpack.packb(kind_of(SyncResponse)),
+            _array_header(2),
+            msgpack.packb(head),
+            _array_header(len(parts)),
+            *parts,
+        )
+    )
+
+
+def _fields_of_stored(raw: bytes) -> bytes:
+    """The field array of a stored top-level ``CommittedBlock`` encoding."""
+    unpacker = msgpack.Unpacker(max_buffer_size=len(raw))
+    unpacker.feed(raw)
+    try:
+        size = unpacker.read_array_header()
+        version = unpacker.unpack()
+        kind = unpacker.unpack()
+    except (msgpack.UnpackException, ValueError) as err:
+        raise ChainError(f"stored block is corrupt: {err}") from err
+    if size != 3 or version != WIRE_VERSION or kind != kind_of(CommittedBlock):
+        raise ChainError("stored block is not a CommittedBlock")
+    return raw[unpacker.tell() :]
 
 
 def check_response(request: SyncRequest, response: SyncResponse) -> None:

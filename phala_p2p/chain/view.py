@@ -121,7 +121,7 @@ class ChainView:
             if commit.height != block.height or commit.block_hash != block.hash:
                 raise ProtocolViolation("commit is for another block", reason="bad_commit")
         else:
-            verify_commit(self.chain_id, block, commit, self.validators)
+            verify_commit(self.chain_id, block, commit, self.validators, light=True)
         token = self.state.checkpoint()
         try:
             results = self._execute(block)

@@ -70,7 +70,7 @@ from phala_p2p.chain.sync import (
     SyncResponse,
     check_response,
     committed_block_limit,
-    serve_sync,
+    serve_sync_bytes,
 )
 from phala_p2p.chain.tx import Signer, Tx, TxRejectReason, TxResult
 from phala_p2p.chain.view import ChainView
@@ -568,7 +568,7 @@ class ChainService:
     async def _serve_sync(self, peer: str, payload: bytes) -> bytes:
         request = decode(payload, max_size=MAX_SYNC_REQUEST_BYTES, expect=SyncRequest)
         self._metrics.count("sync_served")
-        return encode(serve_sync(request, self.store))
+        return serve_sync_bytes(request, self.store)
 
     def _want_sync(self, height: int) -> None:
         if height > self._sync_target:

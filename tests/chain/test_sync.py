@@ -8,19 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from phala_p2p.chain.block import CommittedBlock
+from phala_p2p.chain.block import Commit, CommitSig, CommittedBlock, verify_commit
 from phala_p2p.chain.bodies import Transfer
 from phala_p2p.chain.store import BlockStore
 from phala_p2p.chain.sync import (
     MAX_SYNC_BLOCKS,
+    MAX_SYNC_RESPONSE_BYTES,
     BlockVerdict,
     Follower,
     SyncRequest,
     SyncResponse,
     serve_sync,
+    serve_sync_bytes,
 )
 from phala_p2p.chain.tx import Tx, clear_verified_cache
 from phala_p2p.chain.view import ChainView
+from phala_p2p.errors import ProtocolViolation
 from phala_p2p.wire.codec import decode, encode
 
 from .helpers import CHAIN_ID, commit_for, extend, genesis, identities
@@ -131,3 +134,56 @@ def test_follower_applies_a_thousand_small_blocks_quickly() -> None:
     assert follower.view.height == 1000
     assert follower.view.state.balance(IDS[1].public_key) == 1_000_000 + 1000
     assert rate > 300  # target >= 1000 on an idle core; loose bound for a shared machine
+
+
+@pytest.mark.parametrize(
+    ("start", "count", "max_bytes"),
+    [(1, 64, 8 << 20), (5, 20, 1), (39, 64, 8 << 20), (41, 3, 8 << 20)],
+)
+def test_spliced_sync_answer_is_byte_identical(
+    store: BlockStore, start: int, count: int, max_bytes: int
+) -> None:
+    request = SyncRequest(start, count)
+    spliced = serve_sync_bytes(request, store, max_bytes=max_bytes)
+    assert spliced == encode(serve_sync(request, store, max_bytes=max_bytes))
+    answer = decode(spliced, max_size=MAX_SYNC_RESPONSE_BYTES, expect=SyncResponse)
+    assert [cb.block.height for cb in answer.blocks] == list(
+        range(start, start + len(answer.blocks))
+    )
+
+
+def test_light_commit_check_stops_at_two_thirds_but_still_checks_membership() -> None:
+    cb = CHAIN[0]
+    view = ChainView(GENESIS)
+    full = commit_for(view, cb.block.hash, 1, IDS)  # all four sign
+    # the fourth signature is garbage: light accepts (3 of 4 verified), strict refuses
+    sigs = list(full.sigs)
+    sigs[-1] = CommitSig(sigs[-1].validator, bytes(64))
+    damaged = Commit(1, 0, cb.block.hash, tuple(sigs))
+    verify_commit(CHAIN_ID, cb.block, damaged, view.validators, light=True)
+    with pytest.raises(ProtocolViolation):
+        verify_commit(CHAIN_ID, cb.block, damaged, view.validators)
+    # a damaged signature among the first three fails either way
+    sigs = list(full.sigs)
+    sigs[0] = CommitSig(sigs[0].validator, bytes(64))
+    with pytest.raises(ProtocolViolation):
+        verify_commit(
+            CHAIN_ID,
+            cb.block,
+            Commit(1, 0, cb.block.hash, tuple(sigs)),
+            view.validators,
+            light=True,
+        )
+    # a non-member after the majority is still refused
+    stranger = identities(5, seed=99)[4]
+    extra = sorted(
+        [*full.sigs[:3], CommitSig(stranger.public_key, bytes(64))], key=lambda s: s.validator
+    )
+    with pytest.raises(ProtocolViolation):
+        verify_commit(
+            CHAIN_ID,
+            cb.block,
+            Commit(1, 0, cb.block.hash, tuple(extra)),
+            view.validators,
+            light=True,
+        )

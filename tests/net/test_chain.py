@@ -85,7 +85,10 @@ async def test_two_two_partition_halts_three_one_continues_and_heals() -> None:
         polls = [n.metrics.get("sync_attempts") for n in g]
         # each gatekeeper sees its chain stall and polls for blocks twice (sync_interval apart)
         await wait_until(
-            lambda: all(n.metrics.get("sync_attempts") >= p + 2 for n, p in zip(g, polls)), 30
+            lambda: all(
+                n.metrics.get("sync_attempts") >= p + 2 for n, p in zip(g, polls, strict=True)
+            ),
+            30,
         )
         # nothing new is finalized (a follower may still fetch the last block decided
         # before the cut from its side, so compare the highest head)
@@ -324,7 +327,8 @@ async def test_invalid_transactions_are_rejected_with_their_reason() -> None:
         # the submitting node says why at once, and sends nothing
         for reason, tx in cases.items():
             result = await chain.submit_tx(tx)
-            assert not result.ok and result.reason == reason, (reason, result)
+            assert not result.ok, reason
+            assert result.reason == reason, (reason, result)
         # a replayed transaction: finalized once, refused the second time
         ok = await client.wallet.transfer(stranger.public_key, 10)
         assert ok.ok
