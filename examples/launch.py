@@ -269,10 +269,13 @@ class Network:
         return "; ".join(missing) or "nothing (the goal was reached too late)"
 
 
-async def stop_on_signal(scope: trio.CancelScope, caught: list[int]) -> None:
+async def stop_on_signal(
+    scope: trio.CancelScope, caught: list[int], *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
     """Ctrl-C (SIGINT), SIGTERM or SIGHUP stop the network. The nodes run in their own
     sessions, so no signal reaches them but the launcher's, which then stops them by PID."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        task_status.started()
         async for signum in signals:
             caught.append(signum)
             scope.cancel()
@@ -336,7 +339,7 @@ async def main(args: argparse.Namespace) -> int:
     caught: list[int] = []
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(stop_on_signal, nursery.cancel_scope, caught)
+            await nursery.start(stop_on_signal, nursery.cancel_scope, caught)
             with trio.move_on_after(args.timeout) as deadline:
                 await start_network(net, args, base, genesis, nursery)
                 net.show()

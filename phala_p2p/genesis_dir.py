@@ -8,7 +8,7 @@ This is what ``phala-p2p genesis new`` writes. Gatekeepers and extra accounts ar
 with ``balance`` (a gatekeeper needs some to pay fees); gatekeepers also get ``stake``.
 
 Keys are fresh random ones, or with ``seed`` those of
-:func:`phala_p2p.testing.derive_identity` (index 0 is the bootstrap node, ``1..gatekeepers``
+:func:`phala_p2p.crypto.identity.derive_identity` (index 0 is the bootstrap node, ``1..gatekeepers``
 the gatekeepers, ``gatekeepers + j`` account ``j``), so a seed reproduces every key (and,
 with a fixed ``genesis_time``, the genesis file byte for byte). Seeded keys are known to
 anyone who knows the seed: dev networks only.
@@ -86,7 +86,7 @@ def parse_params(items: list[str] | tuple[str, ...]) -> dict[str, int]:
 def _identity(seed: bytes | None, index: int) -> Identity:
     if seed is None:
         return Identity.generate()
-    from phala_p2p.testing import derive_identity  # the one derivation devnets share
+    from phala_p2p.crypto.identity import derive_identity  # the one derivation devnets share
 
     return derive_identity(seed, index)
 

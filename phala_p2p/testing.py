@@ -32,7 +32,7 @@ import trio
 
 from phala_p2p.chain.params import ChainParams, Genesis
 from phala_p2p.config import ChainConfig, DiscoveryConfig, NodeConfig, Role
-from phala_p2p.crypto.identity import Identity
+from phala_p2p.crypto.identity import derive_identity
 from phala_p2p.crypto.keyfile import KEY_FILE_NAME, save_identity
 from phala_p2p.errors import P2PError, UsageError
 from phala_p2p.net.health import HealthConfig
@@ -76,12 +76,6 @@ class _Awaitable:
 
     def __await__(self) -> Generator[Any, None, None]:
         return self._done.wait().__await__()
-
-
-def derive_identity(seed: int | bytes, index: int) -> Identity:
-    """A reproducible identity for node ``index`` of a devnet made with ``seed``."""
-    base = seed if isinstance(seed, bytes) else str(seed).encode()
-    return Identity.from_seed(hashlib.blake2b(base + b"/%d" % index, digest_size=32).digest())
 
 
 @dataclass

@@ -7,6 +7,8 @@ deterministic (RFC 8032), which is what lets ``protocols/vectors`` pin exact byt
 
 from __future__ import annotations
 
+import hashlib
+
 import nacl.exceptions
 import nacl.signing
 
@@ -92,3 +94,10 @@ def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> boo
 
 
 __all__ = ["PUBLIC_KEY_SIZE", "SEED_SIZE", "SIGNATURE_SIZE", "Identity", "verify_signature"]
+
+
+def derive_identity(seed: int | bytes, index: int) -> Identity:
+    """A reproducible identity: node ``index`` of a devnet made with ``seed`` (test and
+    development networks only: anyone who knows the seed has the key)."""
+    base = seed if isinstance(seed, bytes) else str(seed).encode()
+    return Identity.from_seed(hashlib.blake2b(base + b"/%d" % index, digest_size=32).digest())
