@@ -447,3 +447,64 @@ def test_restart_restores_own_messages_for_rebroadcast() -> None:
     again = rig.m.on_timeout(T0 + 1.0 + rig.m.config.rebroadcast_interval)
     resent = own_votes(again)
     assert {(v.vote_type, v.block_hash) for v in resent} >= {(PV, a.block.hash), (PC, a.block.hash)}
+
+
+def _four_after_height_one(block_time_ms: int) -> tuple[list[Consensus], list[Identity], float]:
+    """Four machines that all applied block 1 at T0 + 0.3 and wait out block_time."""
+    from dataclasses import replace
+
+    from .helpers import extend
+
+    ids = identities(4, seed=23)
+    gen = replace(genesis(ids), params=replace(FAST, block_time_ms=block_time_ms))
+    block, commit = extend(ChainView(gen), ids)
+    machines = []
+    for who in ids:
+        m = Consensus(ChainView(gen), who)
+        m.start(T0)
+        acts = m.on_block_committed(block, commit, T0 + 0.3)
+        assert [a for a in acts if isinstance(a, CommitBlock)]
+        machines.append(m)
+    return machines, ids, T0 + 0.3
+
+
+def test_waiting_transactions_let_the_round_zero_proposer_start_early() -> None:
+    machines, _, t = _four_after_height_one(block_time_ms=5_000)
+    key = machines[0].view.proposer(0)
+    proposer = next(m for m in machines if m.me == key)
+    others = [m for m in machines if m.me != key]
+    for m in others:  # only the round-0 proposer reacts
+        assert m.on_txs_available(t + 0.01) == []
+    acts = proposer.on_txs_available(t + 0.01)
+    gap = ConsensusConfig().min_block_interval
+    assert acts == [ScheduleTimeout(t + gap)]  # not before min_block_interval
+    assert proposer.next_deadline() == pytest.approx(t + gap)
+    acts = proposer.on_timeout(t + gap)
+    proposals = [a.msg for a in acts if isinstance(a, Broadcast) and isinstance(a.msg, Proposal)]
+    assert len(proposals) == 1
+    assert proposals[0].height == 2
+    # a gatekeeper still waiting out block_time starts when that proposal arrives
+    q = others[0]
+    assert q.step == Step.PROPOSE
+    votes = own_votes(q.on_proposal(proposals[0], t + gap + 0.01))
+    assert [(v.vote_type, v.height, v.block_hash) for v in votes] == [
+        (PV, 2, proposals[0].block.hash)
+    ]
+    # without that proposal the others would have waited the whole block_time
+    assert others[1].next_deadline() is not None
+    assert others[1].next_deadline() >= t + 2.0  # type: ignore[operator]
+
+
+def test_early_start_is_only_for_round_zero_of_a_fresh_height() -> None:
+    machines, _, t = _four_after_height_one(block_time_ms=5_000)
+    key = machines[0].view.proposer(0)
+    proposer = next(m for m in machines if m.me == key)
+    proposer.on_txs_available(t + 1.0)
+    proposer.on_timeout(t + 1.0)
+    assert proposer.round == 0
+    # once the round has started, more transactions change nothing
+    assert proposer.on_txs_available(t + 1.1) == []
+    with pytest.raises(UsageError):
+        Consensus(ChainView(machines[0].view.genesis), Identity.generate()).on_txs_available(t)
+    with pytest.raises(UsageError):
+        ConsensusConfig(min_block_interval=-1)
