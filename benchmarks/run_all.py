@@ -14,6 +14,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = [
+    # each chain benchmark in its own process, so that one's teardown cannot slow another
+    (["bench_chain.py", "--only", "catchup"], 600),
+    (["bench_chain.py", "--only", "throughput"], 900),
+    (["bench_chain.py", "--only", "latency"], 900),
     (["bench_stream.py"], 900),
     (["bench_gossip.py", "--count", "200"], 1500),
 ]
