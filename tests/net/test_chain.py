@@ -429,3 +429,40 @@ async def test_new_node_catches_up_through_sync(tmp_path: Path) -> None:
 def test_chain_params_reject_unknown_names() -> None:
     with pytest.raises(UsageError):
         ChainParams().with_changes({"block_tiem_ms": 5})
+
+
+async def test_governance_adds_a_gatekeeper_that_then_signs_blocks() -> None:
+    params = {**FAST, "voting_period_blocks": 4, "min_stake": 1_000}
+
+    def configure(i: int, cfg: NodeConfig) -> NodeConfig:
+        # node 5 runs as a gatekeeper but is not in the genesis set
+        return cfg.with_(role=Role.GATEKEEPER) if i == 5 else cfg
+
+    async with open_devnet(
+        gatekeepers=4, clients=1, seed=20, chain_params=params, configure=configure
+    ) as net:
+        newcomer = next(n for n in net.gatekeepers if n.config.name.endswith("-5"))
+        founders = [n for n in net.gatekeepers if n is not newcomer]
+        state = founders[0].chain.state
+        stake = state.stake(founders[0].account)
+        assert newcomer.account not in state.gatekeepers()
+        assert (await newcomer.wallet.stake(stake)).ok
+        proposal = await founders[0].wallet.propose("gatekeeper_add", account=newcomer.account)
+        assert proposal.ok
+        assert proposal.proposal_id is not None
+        await reach(founders, proposal.height or 0)
+        votes = await _gather(*(g.wallet.vote(proposal.proposal_id, True) for g in founders))
+        assert all(v.ok for v in votes)
+        await wait_until(lambda: newcomer.account in state.gatekeepers(), 60)
+        assert state.gatekeepers()[newcomer.account] == stake
+        # with one founder stopped, the other three hold 3/5 < 2/3: the chain now goes on
+        # only with the newcomer's precommits
+        await net.stop(founders[3])
+        live = [*founders[:3], newcomer]
+        top = max(heights(live))
+        await reach(live, top + 3)
+        for h in range(top + 2, top + 4):
+            cb = founders[0].chain.committed_block(h)
+            assert cb is not None
+            assert newcomer.account in {s.validator for s in cb.commit.sigs}
+        assert_same_chain(live)
