@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 # the core transaction kinds register themselves on import
 from phala_p2p.chain import governance as governance
+from phala_p2p.chain import miners as miners
 from phala_p2p.chain import payments as payments
 from phala_p2p.chain import staking as staking
 from phala_p2p.chain.params import ChainParams, Genesis
@@ -50,6 +51,9 @@ class LedgerState:
             self.params_table.set(name, value)
         self._params_cache: tuple[int, ChainParams] = (self.params_table.version, params)
         self._valset_cache: tuple[tuple[int, int, int], ValidatorSet] | None = None
+        # the time of the block being executed (not part of the state): rules that depend
+        # on time (quote freshness) read it, so every node decides alike
+        self.block_time_ms = 0
 
     @classmethod
     def from_genesis(cls, genesis: Genesis) -> LedgerState:
@@ -66,6 +70,7 @@ class LedgerState:
         for r in genesis.attestation_roots:
             state.attestation_root_table.set(r, True)
         state.meta.set("treasury", genesis.treasury)
+        state.block_time_ms = genesis.genesis_time_ms
         return state
 
     # -- tables and journal ---------------------------------------------------------------
@@ -196,10 +201,11 @@ class LedgerState:
         """Stateless-ish admission checks (chain, size, signature); None when they pass."""
         if tx.chain_id != self.chain_id:
             return TxResult(tx.id, False, TxRejectReason.WRONG_CHAIN, tx.chain_id)
-        if tx.size > self.params.max_tx_size:
-            return TxResult(tx.id, False, TxRejectReason.TX_TOO_LARGE, str(tx.size))
-        if lookup(tx.kind) is None:
+        kind = lookup(tx.kind)
+        if kind is None:
             return TxResult(tx.id, False, TxRejectReason.UNKNOWN_KIND, str(tx.kind))
+        if tx.size > getattr(self.params, kind.size_param):
+            return TxResult(tx.id, False, TxRejectReason.TX_TOO_LARGE, str(tx.size))
         if not tx.verify():
             return TxResult(tx.id, False, TxRejectReason.BAD_SIGNATURE)
         return None
@@ -221,7 +227,8 @@ class LedgerState:
         if a.balance < tx.fee:
             return TxResult(tx.id, False, TxRejectReason.INSUFFICIENT_FUNDS, "cannot pay fee")
         try:
-            body = decode(tx.body, max_size=self.params.max_tx_size, expect=kind.body_cls)
+            limit = getattr(self.params, kind.size_param)
+            body = decode(tx.body, max_size=limit, expect=kind.body_cls)
         except ProtocolViolation as err:
             return TxResult(tx.id, False, TxRejectReason.MALFORMED, str(err))
         token = self.checkpoint()

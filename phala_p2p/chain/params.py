@@ -44,6 +44,10 @@ class ChainParams:
     max_block_txs: int = 500
     max_tx_size: int = 4_096
     max_block_bytes: int = 917_504  # a proposal must fit one gossip message (1 MiB)
+    min_miner_stake: int = 1_000
+    max_attest_tx_size: int = 66_000  # a miner registration carries a quote and collateral
+    attest_max_age_ms: int = 600_000
+    accept_tcb_mask: int = 1  # bit i accepts miners.TCB_STATUSES[i]; 1: UpToDate only
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -69,6 +73,10 @@ class ChainParams:
                 raise UsageError(f"ChainParams.{name} must be > 0")
         if self.slash_fraction_ppm > PPM:
             raise UsageError("ChainParams.slash_fraction_ppm must be <= 1_000_000")
+        if not self.max_tx_size <= self.max_attest_tx_size <= 70_000:
+            raise UsageError("ChainParams.max_attest_tx_size must be in max_tx_size..70000")
+        if self.accept_tcb_mask >= 1 << 16:
+            raise UsageError("ChainParams.accept_tcb_mask has unknown bits")
         if self.max_tx_size > self.max_block_bytes:
             raise UsageError("ChainParams.max_tx_size must be <= max_block_bytes")
         if self.max_block_bytes > 16 * 1024 * 1024:

@@ -43,6 +43,7 @@ class TxKind:
     kind: int
     body_cls: type[Any]
     handler: TxHandler
+    size_param: str = "max_tx_size"  # the chain parameter that bounds this kind's size
 
 
 _KINDS: dict[int, TxKind] = {}
@@ -50,9 +51,12 @@ _BY_CLASS: dict[type[Any], int] = {}
 _END_BLOCK: list[tuple[int, str, EndBlockHook]] = []
 
 
-def register_tx_kind(kind: int, body_cls: type[Any], handler: TxHandler) -> None:
+def register_tx_kind(
+    kind: int, body_cls: type[Any], handler: TxHandler, *, size_param: str = "max_tx_size"
+) -> None:
     """Register a transaction kind; its body is the wire message ``body_cls``, and ``kind``
-    must be that message's wire kind (so a tx's ``kind`` names its body's type)."""
+    must be that message's wire kind (so a tx's ``kind`` names its body's type).
+    ``size_param`` names the chain parameter bounding the transaction's size."""
     if codec.kind_of(body_cls) != kind:
         raise UsageError(f"{body_cls.__name__} is wire kind {codec.kind_of(body_cls)}, not {kind}")
     if kind in _KINDS:
@@ -61,7 +65,7 @@ def register_tx_kind(kind: int, body_cls: type[Any], handler: TxHandler) -> None
         raise UsageError(f"tx kind {kind} is already registered")
     if body_cls in _BY_CLASS:
         raise UsageError(f"{body_cls.__name__} is already registered as a tx body")
-    _KINDS[kind] = TxKind(kind, body_cls, handler)
+    _KINDS[kind] = TxKind(kind, body_cls, handler, size_param)
     _BY_CLASS[body_cls] = kind
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from phala_p2p.chain import miners
 from phala_p2p.chain.bodies import Stake, SubmitEvidence, Unstake
 from phala_p2p.chain.params import PPM
 from phala_p2p.chain.registry import TxContext, register_end_block, register_tx_kind
@@ -110,6 +111,7 @@ def _slash(ctx: TxContext, body: SubmitEvidence) -> None:
     state.add_treasury(slashed)
     state.registered.delete(offender)
     seen.set(ev.key, slashed)
+    miners.note_slashed(state, offender, ctx.height)
 
 
 register_tx_kind(112, Stake, _stake)

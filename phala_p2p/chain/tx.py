@@ -61,6 +61,8 @@ class TxRejectReason(StrEnum):
     LAST_GATEKEEPER = "last_gatekeeper"
     MEMPOOL_FULL = "mempool_full"
     DUPLICATE = "duplicate"
+    ATTESTATION_FAILED = "attestation_failed"
+    NOT_REGISTERED = "not_registered"
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,7 @@ class ChainView:
     def _execute(self, block: Block) -> list[TxResult]:
         """Apply the block's transactions and end-block work; state is left changed."""
         height = block.height
+        self.state.block_time_ms = block.header.time_ms
         results = []
         for tx in block.txs:
             result = self.state.apply_tx(tx, height)
@@ -148,6 +149,8 @@ class ChainView:
         params = self.params
         included: list[Tx] = []
         size = 0
+        time_ms = max(time_ms, self.head_time_ms + 1)
+        self.state.block_time_ms = time_ms
         token = self.state.checkpoint()
         try:
             for tx in candidates:
@@ -167,7 +170,7 @@ class ChainView:
             height=height,
             round=round_,
             parent_hash=self.head_hash,
-            time_ms=max(time_ms, self.head_time_ms + 1),
+            time_ms=time_ms,
             proposer=proposer,
             txs_root=txs_root(included),
             state_root=root,

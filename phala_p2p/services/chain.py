@@ -72,7 +72,7 @@ from phala_p2p.chain.sync import (
     committed_block_limit,
     serve_sync_bytes,
 )
-from phala_p2p.chain.tx import Signer, Tx, TxRejectReason, TxResult
+from phala_p2p.chain.tx import MAX_TX_BODY, Signer, Tx, TxRejectReason, TxResult
 from phala_p2p.chain.view import ChainView
 from phala_p2p.config import ChainConfig
 from phala_p2p.errors import ChainError, P2PError, ProtocolViolation, UsageError
@@ -542,7 +542,7 @@ class ChainService:
 
     def _validate_tx(self, msg: GossipMessage) -> Validation:
         try:
-            tx = decode(msg.data, max_size=self.view.params.max_tx_size + 256, expect=Tx)
+            tx = decode(msg.data, max_size=MAX_TX_BODY + 1024, expect=Tx)
         except ProtocolViolation as err:
             return Validation.reject(f"tx_{err.reason}")
         if tx.chain_id != self.view.chain_id:
