@@ -73,6 +73,29 @@ class ChainConfig:
 
 
 @dataclass(frozen=True)
+class TeeConfig:
+    """The node's enclave. ``enclave``: "auto" (a simulated enclave on miners that name a
+    ``dev_root_key``), "simulated", or "none"."""
+
+    enclave: str = "auto"
+    dev_root_key: Path | None = None  # key file of the simulated platform's attestation root
+    register: bool = False  # miners: stake what is missing and register the enclave on start
+
+    def __post_init__(self) -> None:
+        if self.enclave not in ("auto", "simulated", "none"):
+            raise UsageError('[tee] enclave must be "auto", "simulated" or "none"')
+        if self.dev_root_key is not None and not isinstance(self.dev_root_key, Path):
+            object.__setattr__(self, "dev_root_key", Path(self.dev_root_key))
+        if self.enclave == "simulated" and self.dev_root_key is None:
+            raise UsageError("[tee] a simulated enclave needs dev_root_key")
+
+    def wants_enclave(self, role: Role) -> bool:
+        if self.enclave == "simulated":
+            return True
+        return self.enclave == "auto" and role is Role.MINER and self.dev_root_key is not None
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything a node needs to start. ``NodeConfig.from_toml(path)`` reads one from a file."""
 
@@ -90,6 +113,7 @@ class NodeConfig:
     genesis: Path | None = None  # the chain's genesis TOML; None: this node keeps no chain
     wallet_key: Path | None = None  # the account's key file; None: the node's identity key
     chain: ChainConfig = field(default_factory=ChainConfig)
+    tee: TeeConfig = field(default_factory=TeeConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.role, Role):
@@ -147,6 +171,7 @@ class NodeConfig:
             "health": HealthConfig,
             "discovery": DiscoveryConfig,
             "chain": ChainConfig,
+            "tee": TeeConfig,
         }
         kwargs: dict[str, Any] = {}
         for name, klass in sections.items():

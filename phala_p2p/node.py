@@ -33,6 +33,7 @@ from phala_p2p.net.logs import tame_libp2p_loggers
 from phala_p2p.net.metrics import Metrics, serve_prometheus
 from phala_p2p.net.reqresp import Handler, ProtocolLimits, RequestResponse, StreamHandler
 from phala_p2p.services.chain import STORE_FILE, ChainService, Wallet
+from phala_p2p.services.tee import TeeService, VerifiedMiner, verify_miner
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,11 @@ class Node:
         self.metrics_port: int | None = None
         self._nursery: trio.Nursery | None = None
         self._chain: ChainService | None = None
+        self.tee: TeeService | None = None
+        if config.tee.wants_enclave(config.role):
+            self.tee = TeeService(self, config.tee)
+        elif config.role is Role.MINER:
+            logger.warning("miner without an enclave: set [tee] dev_root_key")
         if config.genesis is not None:
             self._chain = _open_chain(self, config)
 
@@ -114,6 +120,11 @@ class Node:
     @property
     def wallet(self) -> Wallet:
         return Wallet(self.chain)
+
+    async def verify_miner(self, peer_id: str, *, timeout: float = 10.0) -> VerifiedMiner:
+        """Attest ``peer_id``'s enclave ourselves (fresh quote over our nonce) and check it
+        against the chain's policy and registry; AttestationError says what failed."""
+        return await verify_miner(self, peer_id, timeout=timeout)
 
     def __repr__(self) -> str:
         name = f" {self.config.name}" if self.config.name else ""
@@ -272,6 +283,8 @@ class Node:
             await nursery.start(self.dht.run)
             if self._chain is not None:
                 await nursery.start(self._chain.run)
+            if self.tee is not None:
+                await nursery.start(self.tee.run)
             nursery.start_soon(self.health.run)
             nursery.start_soon(self.discovery.run)
             if self.config.metrics_port is not None:

@@ -31,12 +31,14 @@ from typing import Any
 import trio
 
 from phala_p2p.chain.params import ChainParams, Genesis
-from phala_p2p.config import ChainConfig, DiscoveryConfig, NodeConfig, Role
-from phala_p2p.crypto.identity import derive_identity
+from phala_p2p.config import ChainConfig, DiscoveryConfig, NodeConfig, Role, TeeConfig
+from phala_p2p.crypto.identity import Identity, derive_identity
 from phala_p2p.crypto.keyfile import KEY_FILE_NAME, save_identity
 from phala_p2p.errors import P2PError, UsageError
 from phala_p2p.net.health import HealthConfig
 from phala_p2p.node import Node, open_node
+from phala_p2p.tee.executor import ExecutorLimits
+from phala_p2p.tee.measurement import compute_measurement
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +258,15 @@ class Devnet:
 
 
 DEVNET_BALANCE = 1_000_000_000
+DEV_ROOT_KEY = "dev-root.key"
+
+
+def dev_root_identity(seed: int | bytes) -> Identity:
+    """The simulated platform's attestation root of a devnet made with ``seed``."""
+    base = seed if isinstance(seed, bytes) else str(seed).encode()
+    return derive_identity(base + b"/dev-attestation-root", 0)
+
+
 DEVNET_STAKE = 100_000
 
 
@@ -342,6 +353,9 @@ async def open_devnet(
     root.mkdir(parents=True, exist_ok=True)
     seed_bytes = seed if seed is not None else os.urandom(16)
     genesis_path: Path | None = None
+    dev_root_path = root / DEV_ROOT_KEY
+    if not dev_root_path.exists():
+        save_identity(dev_root_path, dev_root_identity(seed_bytes))
     if genesis is not None or gatekeepers > 0:
         genesis_path = root / "genesis.toml"
         if genesis is None and genesis_path.exists():
@@ -353,6 +367,8 @@ async def open_devnet(
                 accounts=len(roles) + 1,
                 params=chain_params,
                 stakes=genesis_stakes,
+                attestation_roots=(dev_root_identity(seed_bytes).public_key,),
+                allowed_measurements=(compute_measurement(ExecutorLimits()),),
             )
         genesis.write_toml(genesis_path)
     chain_config = chain or ChainConfig()
@@ -380,6 +396,7 @@ async def open_devnet(
                     health=health,
                     genesis=genesis_path,
                     chain=chain_config,
+                    tee=TeeConfig(dev_root_key=dev_root_path, register=genesis_path is not None),
                 )
                 return configure(i, cfg) if configure else cfg
 
