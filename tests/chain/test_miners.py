@@ -31,7 +31,7 @@ from phala_p2p.tee.quote import make_report_data, sign_sim_quote
 
 from .helpers import CHAIN_ID, FAST, extend, genesis, identities
 
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "attestation-samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "attestation-samples"
 KEEPERS = identities(4, seed=71)
 ROOT = Identity.from_seed(b"r" * 32)
 MEASUREMENT = bytes(range(32))

@@ -8,7 +8,8 @@ import wasmtime
 
 REPO = Path(__file__).resolve().parents[2]
 JOBS_DIR = REPO / "examples" / "jobs"
-SAMPLES_DIR = REPO.parent / "shared" / "attestation-samples"
+# real Intel SGX/TDX quotes with their collateral (copied from ../shared, MIT, see its README)
+SAMPLES_DIR = REPO / "tests" / "data" / "attestation-samples"
 
 
 def compile_wat(text: str) -> bytes:

@@ -1,4 +1,4 @@
-"""DCAP verification against the real Intel samples in ../shared/attestation-samples."""
+"""DCAP verification against the real Intel samples in tests/data/attestation-samples."""
 
 from __future__ import annotations
 
