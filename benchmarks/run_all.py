@@ -20,6 +20,7 @@ BENCHES = [
     (["bench_chain.py", "--only", "latency"], 900),
     (["bench_stream.py"], 900),
     (["bench_gossip.py", "--count", "200"], 1500),
+    (["bench_tee.py"], 900),
 ]
 
 if __name__ == "__main__":

@@ -74,12 +74,14 @@ class ChainConfig:
 
 @dataclass(frozen=True)
 class TeeConfig:
-    """The node's enclave. ``enclave``: "auto" (a simulated enclave on miners that name a
-    ``dev_root_key``), "simulated", or "none"."""
+    """The node's enclave. ``enclave``: "auto" (a simulated enclave on miners, and on
+    gatekeepers that are key managers, when they name a ``dev_root_key``), "simulated", or
+    "none"."""
 
     enclave: str = "auto"
     dev_root_key: Path | None = None  # key file of the simulated platform's attestation root
     register: bool = False  # miners: stake what is missing and register the enclave on start
+    key_manager: bool = False  # gatekeepers: keep the network's master key in an enclave
 
     def __post_init__(self) -> None:
         if self.enclave not in ("auto", "simulated", "none"):
@@ -92,7 +94,9 @@ class TeeConfig:
     def wants_enclave(self, role: Role) -> bool:
         if self.enclave == "simulated":
             return True
-        return self.enclave == "auto" and role is Role.MINER and self.dev_root_key is not None
+        if self.enclave != "auto" or self.dev_root_key is None:
+            return False
+        return role is Role.MINER or (role is Role.GATEKEEPER and self.key_manager)
 
 
 @dataclass(frozen=True)

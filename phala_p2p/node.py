@@ -33,6 +33,7 @@ from phala_p2p.net.logs import tame_libp2p_loggers
 from phala_p2p.net.metrics import Metrics, serve_prometheus
 from phala_p2p.net.reqresp import Handler, ProtocolLimits, RequestResponse, StreamHandler
 from phala_p2p.services.chain import STORE_FILE, ChainService, Wallet
+from phala_p2p.services.keys import KeyService
 from phala_p2p.services.tee import TeeService, VerifiedMiner, verify_miner
 
 logger = logging.getLogger(__name__)
@@ -96,8 +97,12 @@ class Node:
             self.tee = TeeService(self, config.tee)
         elif config.role is Role.MINER:
             logger.warning("miner without an enclave: set [tee] dev_root_key")
+        self.keys: KeyService | None = None
         if config.genesis is not None:
             self._chain = _open_chain(self, config)
+            self.keys = KeyService(
+                self, key_manager=config.role is Role.GATEKEEPER and config.tee.key_manager
+            )
 
     # -- chain -----------------------------------------------------------------------------
 
@@ -285,6 +290,8 @@ class Node:
                 await nursery.start(self._chain.run)
             if self.tee is not None:
                 await nursery.start(self.tee.run)
+            if self.keys is not None:
+                await nursery.start(self.keys.run)
             nursery.start_soon(self.health.run)
             nursery.start_soon(self.discovery.run)
             if self.config.metrics_port is not None:

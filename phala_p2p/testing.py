@@ -323,6 +323,7 @@ async def open_devnet(
     chain_params: ChainParams | dict[str, int] | None = None,
     chain: ChainConfig | None = None,
     genesis_stakes: Sequence[int] | None = None,
+    key_custody: bool = False,
 ) -> AsyncIterator[Devnet]:
     """Start a bootstrap node, then ``gatekeepers``, ``miners`` and ``clients`` (and
     ``peers`` more nodes of ``role``); every node knows only the bootstrap node's address.
@@ -330,8 +331,8 @@ async def open_devnet(
     With gatekeepers (or a ``genesis``) every node keeps the chain: the devnet writes a
     genesis where node ``i`` of ``1..gatekeepers`` is a gatekeeper and every node's account
     is funded (``chain_params`` overrides chain parameters, ``genesis_stakes`` sets each
-    gatekeeper's stake). ``peers`` defaults to 4 when
-    no role is counted, else 0.
+    gatekeeper's stake). With ``key_custody`` gatekeepers run key-manager enclaves.
+    ``peers`` defaults to 4 when no role is counted, else 0.
 
     ``seed`` makes identities reproducible; ``data_root`` keeps data dirs (a temporary
     folder, removed at the end, otherwise). ``configure(i, cfg)`` may adjust each node's
@@ -396,7 +397,11 @@ async def open_devnet(
                     health=health,
                     genesis=genesis_path,
                     chain=chain_config,
-                    tee=TeeConfig(dev_root_key=dev_root_path, register=genesis_path is not None),
+                    tee=TeeConfig(
+                        dev_root_key=dev_root_path,
+                        register=genesis_path is not None,
+                        key_manager=key_custody,
+                    ),
                 )
                 return configure(i, cfg) if configure else cfg
 

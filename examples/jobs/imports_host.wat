@@ -1,4 +1,5 @@
-;; imports_host: asks for a host function. Job ABI v1 grants none, so it is refused.
+;; imports_host: asks for a host function. Job ABI v2 grants only phala.secret_len and
+;; phala.secret_read (protocols/job-abi.md), so this module is refused.
 (module
   (import "env" "print" (func $print (param i32 i32)))
   (memory (export "memory") 1)

@@ -48,6 +48,8 @@ class ChainParams:
     max_attest_tx_size: int = 66_000  # a miner registration carries a quote and collateral
     attest_max_age_ms: int = 600_000
     accept_tcb_mask: int = 1  # bit i accepts miners.TCB_STATUSES[i]; 1: UpToDate only
+    key_epoch_blocks: int = 600  # cluster keys rotate every this many blocks
+    key_retention_epochs: int = 2  # epoch keys older than this many epochs are erased
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -67,6 +69,7 @@ class ChainParams:
             "max_block_txs",
             "max_tx_size",
             "max_block_bytes",
+            "key_epoch_blocks",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -1,12 +1,14 @@
 """tee room: the enclave boundary, attestation quotes and the WebAssembly executor.
 
-* :mod:`~phala_p2p.tee.executor`: wasmtime executor for job ABI v1 (``protocols/job-abi.md``).
+* :mod:`~phala_p2p.tee.executor`: wasmtime executor for job ABI v2 (``protocols/job-abi.md``).
 * :mod:`~phala_p2p.tee.enclave`: the :class:`Enclave` interface and the simulated enclave,
   which runs in its own OS process and keeps its keys and the jobs' plaintext inside.
 * :mod:`~phala_p2p.tee.quote`, :mod:`~phala_p2p.tee.dcap`, :mod:`~phala_p2p.tee.policy`:
   simulated quotes, Intel SGX/TDX DCAP verification, and the attestation policy
   (``protocols/attest.md``).
 * :mod:`~phala_p2p.tee.sealing`: job session keys and sealed payloads.
+* :mod:`~phala_p2p.tee.keys`: the network's key material, kept inside enclaves: the master
+  key, per-epoch cluster keys and client secrets sealed to them (``protocols/attest.md``).
 
 The names below load on first use: the verification modules (quote, dcap, policy, messages)
 import neither trio nor the enclave host, so the chain room can use them.
@@ -22,13 +24,17 @@ if TYPE_CHECKING:
     from phala_p2p.tee.enclave import (
         Enclave,
         EnclaveConfig,
+        EnclaveEvidence,
         EnclaveInfo,
+        KeyStatus,
         SealedResult,
         SimulatedEnclave,
         answer_attest,
+        enclave_evidence,
         open_simulated_enclave,
     )
     from phala_p2p.tee.executor import ExecResult, ExecutorLimits, WasmExecutor
+    from phala_p2p.tee.keys import ClusterKey, seal_secret
     from phala_p2p.tee.measurement import compute_measurement
     from phala_p2p.tee.messages import AttestRequest, AttestResponse, SessionOffer, SessionOpen
     from phala_p2p.tee.policy import AttestationPolicy, verify_attestation
@@ -47,12 +53,15 @@ _LAZY = {
     "AttestResponse": "phala_p2p.tee.messages",
     "AttestationPolicy": "phala_p2p.tee.policy",
     "ClientSession": "phala_p2p.tee.sealing",
+    "ClusterKey": "phala_p2p.tee.keys",
     "DcapReport": "phala_p2p.tee.dcap",
     "Enclave": "phala_p2p.tee.enclave",
     "EnclaveConfig": "phala_p2p.tee.enclave",
+    "EnclaveEvidence": "phala_p2p.tee.keyshare",
     "EnclaveInfo": "phala_p2p.tee.enclave",
     "ExecResult": "phala_p2p.tee.executor",
     "ExecutorLimits": "phala_p2p.tee.executor",
+    "KeyStatus": "phala_p2p.tee.keyshare",
     "SealedResult": "phala_p2p.tee.enclave",
     "SessionOffer": "phala_p2p.tee.messages",
     "SessionOpen": "phala_p2p.tee.messages",
@@ -62,8 +71,10 @@ _LAZY = {
     "WasmExecutor": "phala_p2p.tee.executor",
     "answer_attest": "phala_p2p.tee.enclave",
     "compute_measurement": "phala_p2p.tee.measurement",
+    "enclave_evidence": "phala_p2p.tee.enclave",
     "make_report_data": "phala_p2p.tee.quote",
     "open_simulated_enclave": "phala_p2p.tee.enclave",
+    "seal_secret": "phala_p2p.tee.keys",
     "sign_sim_quote": "phala_p2p.tee.quote",
     "verify_attestation": "phala_p2p.tee.policy",
     "verify_quote": "phala_p2p.tee.dcap",
@@ -86,12 +97,15 @@ __all__ = [
     "AttestResponse",
     "AttestationPolicy",
     "ClientSession",
+    "ClusterKey",
     "DcapReport",
     "Enclave",
     "EnclaveConfig",
+    "EnclaveEvidence",
     "EnclaveInfo",
     "ExecResult",
     "ExecutorLimits",
+    "KeyStatus",
     "SealedResult",
     "SessionOffer",
     "SessionOpen",
@@ -101,8 +115,10 @@ __all__ = [
     "WasmExecutor",
     "answer_attest",
     "compute_measurement",
+    "enclave_evidence",
     "make_report_data",
     "open_simulated_enclave",
+    "seal_secret",
     "sign_sim_quote",
     "verify_attestation",
     "verify_quote",

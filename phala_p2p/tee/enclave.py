@@ -16,11 +16,12 @@ and the enclave keeps serving.
 from __future__ import annotations
 
 import abc
+import fcntl
 import itertools
 import logging
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,24 +36,42 @@ from phala_p2p.tee.channel import (
     get_bytes,
     get_int,
     get_str,
-    pack_frame,
+    pack_frame_parts,
 )
 from phala_p2p.tee.enclave_main import max_frame_for
 from phala_p2p.tee.executor import ABI_VERSION, ExecutorLimits
+from phala_p2p.tee.keys import (
+    BOX_OVERHEAD,
+    KEY_LEN,
+    MAX_EPOCH,
+    MAX_SECRET_LEN,
+    MAX_SECRETS,
+    ClusterKey,
+)
+from phala_p2p.tee.keyshare import (
+    EnclaveEvidence,
+    KeyStatus,
+    cluster_from_wire,
+    key_status_from_wire,
+)
 from phala_p2p.tee.messages import AttestRequest, AttestResponse, SessionOffer
 from phala_p2p.tee.quote import MAX_NONCE_LEN, SIM_PLATFORM, UsageReceipt
 from phala_p2p.tee.sealing import JOB_ID_LEN, SESSION_ID_LEN
 from phala_p2p.wire.codec import decode
 
 __all__ = [
+    "ClusterKey",
     "Enclave",
     "EnclaveConfig",
+    "EnclaveEvidence",
     "EnclaveInfo",
+    "KeyStatus",
     "SealedResult",
     "SessionOffer",
     "SimulatedEnclave",
     "Transcript",
     "answer_attest",
+    "enclave_evidence",
     "open_simulated_enclave",
 ]
 
@@ -65,6 +84,9 @@ Transcript = Callable[[str, bytes], None]
 _BOOT: Final = Path(__file__).resolve().parent / "enclave_boot.py"
 _STDERR_TAIL: Final = 4096
 _READ_CHUNK: Final = 1 << 16
+# The channel's pipes get 1 MiB buffers (Linux, where allowed) and reads take up to 1 MiB: a
+# 64 MiB sealed payload crosses in 64 writes and reads rather than 1024.
+_PIPE_BYTES: Final = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -151,12 +173,58 @@ class Enclave(abc.ABC):
         sealed_module: bytes,
         sealed_input: bytes,
         max_fuel: int,
+        sealed_secrets: Sequence[bytes] = (),
     ) -> SealedResult:
-        """Run one sealed job; raises the job's typed ExecutionError if it fails."""
+        """Run one sealed job; raises the job's typed ExecutionError if it fails.
+
+        ``sealed_secrets`` are client secrets sealed to a cluster key of an epoch this enclave
+        holds, each for this job's module and its position in the list (``keys.seal_secret``);
+        the job reads them with ``phala.secret_len``/``phala.secret_read``.
+        """
 
     @abc.abstractmethod
     async def close_session(self, session_id: bytes) -> None:
         """Forget a session's keys."""
+
+    # -- key management (protocols/attest.md, "Key management") -------------------------------
+
+    @abc.abstractmethod
+    async def km_generate(self, epoch: int = 0) -> ClusterKey:
+        """Create the network's master key inside, starting at ``epoch`` (genesis only).
+
+        Returns that epoch's cluster key; the enclave becomes a key manager (runs no jobs).
+        """
+
+    @abc.abstractmethod
+    async def km_export(self, recipient: EnclaveEvidence, epoch: int) -> bytes:
+        """The master key from ``epoch`` on, sealed to an attested new gatekeeper enclave.
+
+        The enclave checks ``recipient`` itself (AttestationError if it fails).
+        """
+
+    @abc.abstractmethod
+    async def km_import(self, sealed: bytes) -> ClusterKey:
+        """Take a master key sealed to this enclave; returns the cluster key of its floor."""
+
+    @abc.abstractmethod
+    async def cluster_public(self, epoch: int) -> ClusterKey:
+        """The cluster public key of ``epoch`` (from the master, or a held epoch key)."""
+
+    @abc.abstractmethod
+    async def km_share_epoch(self, epoch: int, recipient: EnclaveEvidence) -> bytes:
+        """The secret of ``epoch``, sealed to an attested miner enclave (checked inside)."""
+
+    @abc.abstractmethod
+    async def accept_epoch(self, sealed: bytes) -> ClusterKey:
+        """Hold an epoch secret sealed to this enclave; the enclave becomes a worker."""
+
+    @abc.abstractmethod
+    async def erase_before(self, epoch: int) -> KeyStatus:
+        """Erase every key of an epoch before ``epoch``; such epochs are refused from then on."""
+
+    @abc.abstractmethod
+    async def key_status(self) -> KeyStatus:
+        """Which keys the enclave holds (public data)."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:
@@ -182,7 +250,8 @@ class SimulatedEnclave(Enclave):
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._in_flight = trio.Semaphore(config.max_in_flight)
-        self._send_frames, self._frames_to_send = trio.open_memory_channel[bytes](
+        # a frame is a list of segments (pack_frame_parts): large payloads are not copied
+        self._send_frames, self._frames_to_send = trio.open_memory_channel[list[bytes]](
             config.max_in_flight
         )
         self._process: trio.Process | None = None
@@ -203,6 +272,8 @@ class SimulatedEnclave(Enclave):
         except OSError as err:
             raise EnclaveError(f"cannot start the enclave process: {err}") from err
         self._process = process
+        _enlarge_pipe(process.stdin)
+        _enlarge_pipe(process.stdout)
         nursery.start_soon(self._writer)
         nursery.start_soon(self._reader)
         nursery.start_soon(self._stderr_reader)
@@ -253,8 +324,13 @@ class SimulatedEnclave(Enclave):
         try:
             async with self._frames_to_send:
                 async for frame in self._frames_to_send:
-                    self._record("to_enclave", frame)
-                    await stdin.send_all(frame)
+                    for part in frame:
+                        self._record("to_enclave", part)
+                        await stdin.send_all(part)
+                    # Let go of a sent payload at once: freeing tens of MiB when the next
+                    # frame comes would delay that frame.
+                    frame.clear()
+                    part = b""
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._mark_dead("enclave process stopped reading its input")
         finally:
@@ -271,12 +347,14 @@ class SimulatedEnclave(Enclave):
         decoder = FrameDecoder(max_frame=self._max_frame)
         try:
             while True:
-                chunk = await stdout.receive_some(_READ_CHUNK)
+                # no more than the decoder wants: a blob then needs no copy but one join
+                chunk = await stdout.receive_some(min(decoder.wanted, _PIPE_BYTES))
                 if not chunk:
                     break
                 self._record("from_enclave", chunk)
                 for response in decoder.feed(chunk):
                     self._deliver(response)
+                    del response  # the caller holds the answer; none is kept alive here
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except ProtocolViolation as err:
@@ -355,7 +433,7 @@ class SimulatedEnclave(Enclave):
             raise EnclaveError(str(self._dead))
         async with self._in_flight:
             rid = next(self._ids)
-            frame = pack_frame([rid, op, args], max_frame=self._max_frame)
+            frame = pack_frame_parts([rid, op, args], max_frame=self._max_frame)
             pending = _Pending()
             self._pending[rid] = pending
             try:
@@ -406,6 +484,7 @@ class SimulatedEnclave(Enclave):
         sealed_module: bytes,
         sealed_input: bytes,
         max_fuel: int,
+        sealed_secrets: Sequence[bytes] = (),
     ) -> SealedResult:
         if not isinstance(session_id, bytes) or len(session_id) != SESSION_ID_LEN:
             raise UsageError(f"session_id must be {SESSION_ID_LEN} bytes")
@@ -418,6 +497,7 @@ class SimulatedEnclave(Enclave):
             raise UsageError("max_fuel must be an int")
         if not 1 <= max_fuel <= limits.max_fuel:
             raise UsageError(f"max_fuel must be in 1..{limits.max_fuel}")
+        secrets = _check_sealed_secrets(sealed_secrets)
         result = await self._call(
             "run_sealed",
             {
@@ -426,6 +506,7 @@ class SimulatedEnclave(Enclave):
                 "sealed_module": sealed_module,
                 "sealed_input": sealed_input,
                 "max_fuel": max_fuel,
+                "sealed_secrets": secrets,
             },
         )
         sealed_output = _field(get_bytes, result, "sealed_output", max_len=self._max_frame)
@@ -440,6 +521,92 @@ class SimulatedEnclave(Enclave):
         if not isinstance(session_id, bytes) or len(session_id) != SESSION_ID_LEN:
             raise UsageError(f"session_id must be {SESSION_ID_LEN} bytes")
         await self._call("close_session", {"session_id": session_id})
+
+    # -- key management ----------------------------------------------------------------------
+
+    async def km_generate(self, epoch: int = 0) -> ClusterKey:
+        result = await self._call("km_generate", {"epoch": _check_epoch(epoch)})
+        return _cluster(result)
+
+    async def km_export(self, recipient: EnclaveEvidence, epoch: int) -> bytes:
+        return await self._sealed_to(recipient, "km_export", epoch, KEY_LEN)
+
+    async def km_import(self, sealed: bytes) -> ClusterKey:
+        return _cluster(await self._call("km_import", {"sealed": _check_key_box(sealed)}))
+
+    async def cluster_public(self, epoch: int) -> ClusterKey:
+        return _cluster(await self._call("cluster_public", {"epoch": _check_epoch(epoch)}))
+
+    async def km_share_epoch(self, epoch: int, recipient: EnclaveEvidence) -> bytes:
+        return await self._sealed_to(recipient, "km_share_epoch", epoch, KEY_LEN)
+
+    async def accept_epoch(self, sealed: bytes) -> ClusterKey:
+        return _cluster(await self._call("accept_epoch", {"sealed": _check_key_box(sealed)}))
+
+    async def erase_before(self, epoch: int) -> KeyStatus:
+        return _key_status(await self._call("erase_before", {"epoch": _check_epoch(epoch)}))
+
+    async def key_status(self) -> KeyStatus:
+        return _key_status(await self._call("key_status", {}))
+
+    async def _sealed_to(
+        self, recipient: EnclaveEvidence, op: str, epoch: int, plaintext_len: int
+    ) -> bytes:
+        if not isinstance(recipient, EnclaveEvidence):
+            raise UsageError("recipient must be an EnclaveEvidence")
+        args = {"epoch": _check_epoch(epoch), "recipient": recipient.to_wire()}
+        result = await self._call(op, args)
+        size = BOX_OVERHEAD + plaintext_len
+        return _field(get_bytes, result, "sealed", min_len=size, max_len=size)
+
+
+def _check_epoch(epoch: int) -> int:
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= MAX_EPOCH:
+        raise UsageError(f"epoch must be an int in 0..{MAX_EPOCH}")
+    return epoch
+
+
+def _check_key_box(sealed: bytes) -> bytes:
+    if not isinstance(sealed, bytes) or len(sealed) != BOX_OVERHEAD + KEY_LEN:
+        raise UsageError(f"a sealed key is {BOX_OVERHEAD + KEY_LEN} bytes")
+    return sealed
+
+
+def _check_sealed_secrets(sealed_secrets: Sequence[bytes]) -> list[bytes]:
+    if isinstance(sealed_secrets, bytes | str) or not isinstance(sealed_secrets, Sequence):
+        raise UsageError("sealed_secrets must be a sequence of sealed boxes")
+    if len(sealed_secrets) > MAX_SECRETS:
+        raise UsageError(f"a job gets at most {MAX_SECRETS} sealed secrets")
+    cap = BOX_OVERHEAD + MAX_SECRET_LEN
+    for box in sealed_secrets:
+        if not isinstance(box, bytes) or not BOX_OVERHEAD <= len(box) <= cap:
+            raise UsageError(f"each sealed secret must be {BOX_OVERHEAD}..{cap} bytes")
+    return list(sealed_secrets)
+
+
+def _cluster(result: dict[str, Any]) -> ClusterKey:
+    try:
+        return cluster_from_wire(result)
+    except ProtocolViolation as err:
+        raise EnclaveError(f"enclave returned a malformed cluster key: {err}") from err
+
+
+def _key_status(result: dict[str, Any]) -> KeyStatus:
+    try:
+        return key_status_from_wire(result)
+    except ProtocolViolation as err:
+        raise EnclaveError(f"enclave returned a malformed key status: {err}") from err
+
+
+def _enlarge_pipe(stream: object) -> None:
+    """Give a pipe of the channel a buffer of ``_PIPE_BYTES`` (Linux; a speed-up only)."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is None or not isinstance(stream, trio.lowlevel.FdStream):
+        return
+    try:
+        fcntl.fcntl(stream.fileno(), set_size, _PIPE_BYTES)
+    except OSError:
+        pass  # above /proc/sys/fs/pipe-max-size or the user's pipe quota: default size
 
 
 def _field(getter: Callable[..., bytes], result: dict[str, Any], name: str, **kw: int) -> bytes:
@@ -486,6 +653,19 @@ async def answer_attest(
         collateral=collateral,
         identity_pub=info.identity_pub,
         x25519_pub=info.x25519_pub,
+    )
+
+
+async def enclave_evidence(enclave: Enclave, nonce: bytes = b"") -> EnclaveEvidence:
+    """Evidence of a local enclave (a fresh quote bound to ``nonce``), for another to check."""
+    info = await enclave.info()
+    return EnclaveEvidence(
+        platform=info.platform,
+        quote=await enclave.quote(nonce),
+        identity_pub=info.identity_pub,
+        x25519_pub=info.x25519_pub,
+        nonce=nonce,
+        limits=info.limits,
     )
 
 

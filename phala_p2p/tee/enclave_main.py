@@ -11,13 +11,20 @@ Only public data and ciphertext leave this process: public keys, the measurement
 session offers, sealed outputs, signed receipts and error messages (which never quote job
 data). Job errors are answered as typed error codes and the process keeps serving.
 
-Threads: the main thread reads requests and answers the quick ones; jobs and the benchmark run
-one at a time on a worker thread fed by a bounded queue (a full queue is answered "busy").
+Threads: the main thread reads requests and answers the quick ones; jobs, the benchmark and
+the key-management operations run one at a time on a worker thread fed by a bounded queue (a
+full queue is answered "busy"), so the key state has a single owner.
+
+Key management (:mod:`phala_p2p.tee.keys`): an enclave becomes a *key manager* (it holds the
+master key: ``km_generate``/``km_import``) or a *worker* (it holds epoch keys and runs jobs:
+``accept_epoch``/``run_sealed``), never both, so no job ever runs next to the master key. Key
+material leaves only sealed to an enclave whose quote this enclave verified itself.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import queue
 import sys
@@ -36,10 +43,25 @@ from phala_p2p.tee.channel import (
     get_bytes,
     get_int,
     get_str,
-    pack_frame,
+    pack_frame_parts,
 )
 from phala_p2p.tee.executor import ABI_VERSION, ExecutorLimits, WasmExecutor
-from phala_p2p.tee.measurement import compute_measurement
+from phala_p2p.tee.keys import (
+    BOX_OVERHEAD,
+    KEY_LEN,
+    MAX_EPOCH,
+    MAX_SECRET_LEN,
+    MAX_SECRETS,
+    ClusterKey,
+    EpochKeyRing,
+    MasterKey,
+    Purpose,
+    open_box,
+    open_secret,
+    seal_box,
+    verify_peer_enclave,
+)
+from phala_p2p.tee.measurement import compute_measurement, source_digests
 from phala_p2p.tee.quote import (
     MAX_NONCE_LEN,
     SIM_PLATFORM,
@@ -63,10 +85,25 @@ __all__ = ["EnclaveServer", "main"]
 
 MAX_SESSIONS: Final = 1024
 JOB_QUEUE: Final = 8
-_READ_CHUNK: Final = 1 << 16
+_READ_CHUNK: Final = 1 << 20  # the host gives the channel's pipes 1 MiB buffers
 _INIT_MAX_FRAME: Final = 64 * 1024
 _QUICK_OPS: Final = frozenset({"info", "quote", "open_session", "close_session"})
-_WORKER_OPS: Final = frozenset({"run_sealed", "benchmark"})
+_KEY_OPS: Final = frozenset(
+    {
+        "km_generate",
+        "km_import",
+        "km_export",
+        "km_share_epoch",
+        "cluster_public",
+        "accept_epoch",
+        "erase_before",
+        "key_status",
+    }
+)
+_WORKER_OPS: Final = frozenset({"run_sealed", "benchmark"}) | _KEY_OPS
+ROLE_KEY_MANAGER: Final = "key-manager"
+ROLE_WORKER: Final = "worker"
+_MAX_PEER_QUOTE: Final = 8192
 
 
 class EnclaveServer:
@@ -86,16 +123,23 @@ class EnclaveServer:
         self._executor: WasmExecutor | None = None
         self._root: Identity | None = None
         self._measurement = b""
+        self._sources: list[tuple[str, bytes]] = []
+        # key state: touched only by the worker thread (see _KEY_OPS)
+        self._role = ""
+        self._master: MasterKey | None = None
+        self._ring = EpochKeyRing()
 
     # -- io ----------------------------------------------------------------------------------
 
     def _send(self, obj: Any) -> None:
-        frame = pack_frame(obj, max_frame=self._max_frame)
+        # segments, so that a large sealed output is written from its own bytes, uncopied
+        parts = pack_frame_parts(obj, max_frame=self._max_frame)
         with self._write_lock:
-            view = memoryview(frame)
-            while view:
-                written = os.write(self._out_fd, view)
-                view = view[written:]
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    written = os.write(self._out_fd, view)
+                    view = view[written:]
 
     def _reply_ok(self, rid: int, result: dict[str, Any]) -> None:
         self._send([rid, 0, result])
@@ -106,11 +150,14 @@ class EnclaveServer:
     def serve(self) -> int:
         """Serve until EOF on the input. Returns the process exit code."""
         decoder = FrameDecoder(max_frame=self._max_frame)
+        # Reads of exactly what the decoder wants: a blob (a sealed input of tens of MiB) is
+        # read straight into its own bytes object, never copied.
+        reader = io.BufferedReader(io.FileIO(self._in_fd, "r", closefd=False), _READ_CHUNK)
         worker = threading.Thread(target=self._worker, name="enclave-jobs", daemon=True)
         started = False
         try:
             while True:
-                chunk = os.read(self._in_fd, _READ_CHUNK)
+                chunk = reader.read(decoder.wanted)
                 if not chunk:
                     return 0
                 for request in decoder.feed(chunk):
@@ -129,6 +176,11 @@ class EnclaveServer:
                             self._reply_err(rid, EnclaveError("enclave is busy: job queue full"))
                     else:
                         self._dispatch_quick(rid, op, args)
+                    # Keep no reference to a dispatched request (nor to the blob read last): the
+                    # worker frees a sealed input of tens of MiB once answered, not this loop
+                    # when the next request comes in.
+                    del request, args
+                del chunk
         except ProtocolViolation as err:
             # The host broke the channel: nothing sensible can follow on this stream.
             sys.stderr.write(f"enclave: channel violation: {err}\n")
@@ -149,10 +201,14 @@ class EnclaveServer:
             if item is None:
                 return
             rid, op, args = item
+            del item
             try:
                 self._answer(rid, op, args)
             except OSError:
                 return
+            # Free the request now, once answered: freeing a sealed input of tens of MiB when
+            # the next job comes would delay that job.
+            del args
 
     def _dispatch_quick(self, rid: int, op: str, args: dict[str, Any]) -> None:
         if op != "init" and op not in _QUICK_OPS:
@@ -186,7 +242,8 @@ class EnclaveServer:
             raise ProtocolViolation("init.limits must be a map")
         self._limits = _limits_from_wire(raw_limits)
         self._executor = WasmExecutor(self._limits)
-        self._measurement = compute_measurement(self._limits)
+        self._sources = source_digests()  # the code this enclave runs, measured once
+        self._measurement = compute_measurement(self._limits, sources=self._sources)
         self._max_frame = max_frame_for(self._limits)
         return self._info()
 
@@ -250,6 +307,8 @@ class EnclaveServer:
         )
         sealed_input = get_bytes(args, "sealed_input", max_len=limits.max_input + SEAL_OVERHEAD)
         max_fuel = get_int(args, "max_fuel", lo=1, hi=limits.max_fuel)
+        sealed_secrets = _get_sealed_secrets(args)
+        self._check_role(ROLE_WORKER)
         with self._sessions_lock:
             session = self._sessions.get(session_id)
         if session is None:
@@ -257,9 +316,15 @@ class EnclaveServer:
         keys = session.keys
         module = open_sealed(keys.to_enclave, session_id, job_id, b"module", sealed_module)
         data = open_sealed(keys.to_enclave, session_id, job_id, b"input", sealed_input)
+        module_hash = hashlib.sha256(module).digest()
+        secrets = [
+            open_secret(self._ring, box, module_hash, slot)
+            for slot, box in enumerate(sealed_secrets)
+        ]
         with self._sessions_lock:
             session.claim_job(job_id)
-        result = self._executor.run(module, data, fuel=max_fuel)
+        self._role = ROLE_WORKER
+        result = self._executor.run(module, data, fuel=max_fuel, secrets=secrets)
         sealed_output = seal(keys.to_client, session_id, job_id, b"output", result.output)
         receipt = sign_receipt(
             self._identity,
@@ -267,7 +332,7 @@ class EnclaveServer:
                 session_id=session_id,
                 job_id=job_id,
                 measurement=self._measurement,
-                module_hash=hashlib.sha256(module).digest(),
+                module_hash=module_hash,
                 fuel_limit=max_fuel,
                 fuel_used=result.fuel_used,
                 bytes_in=len(module) + len(data),
@@ -278,11 +343,137 @@ class EnclaveServer:
         )
         return {"sealed_output": sealed_output, "receipt": encode(receipt)}
 
+    # -- key management (phala_p2p.tee.keys; worker thread only) -------------------------------
+
+    def _check_role(self, role: str) -> None:
+        if self._role and self._role != role:
+            raise UsageError(f"this enclave is a {self._role}; it cannot act as a {role}")
+
+    def _need_master(self) -> MasterKey:
+        if self._master is None:
+            raise UsageError("this enclave holds no master key")
+        return self._master
+
+    def _attested_recipient(self, args: dict[str, Any]) -> bytes:
+        """The X25519 key of the ``recipient`` enclave, once its quote checks out here."""
+        raw = args.get("recipient")
+        if not isinstance(raw, dict):
+            raise ProtocolViolation("field 'recipient' must be a map")
+        raw_limits = raw.get("limits")
+        if not isinstance(raw_limits, dict):
+            raise ProtocolViolation("recipient.limits must be a map")
+        peer_limits = _limits_from_wire(raw_limits)
+        # the recipient must run this very code; its limits may differ (they are measured too)
+        expected = compute_measurement(peer_limits, sources=self._sources)
+        x25519_pub = get_bytes(raw, "x25519_pub", min_len=32, max_len=32)
+        assert self._root is not None
+        verify_peer_enclave(
+            platform=get_str(raw, "platform", max_len=8),
+            quote=get_bytes(raw, "quote", max_len=_MAX_PEER_QUOTE),
+            identity_pub=get_bytes(raw, "identity_pub", min_len=32, max_len=32),
+            x25519_pub=x25519_pub,
+            nonce=get_bytes(raw, "nonce", max_len=MAX_NONCE_LEN),
+            roots=[self._root.public_key],
+            expected_measurement=expected,
+            now=int(time.time()),
+        )
+        return x25519_pub
+
+    def _key_status(self) -> dict[str, Any]:
+        return {
+            "role": self._role,
+            "master_floor": self._master.floor if self._master is not None else None,
+            "epochs": list(self._ring.epochs),
+            "epoch_floor": self._ring.floor,
+        }
+
+    def _op_km_generate(self, args: dict[str, Any]) -> dict[str, Any]:
+        epoch = get_int(args, "epoch", lo=0, hi=MAX_EPOCH)
+        self._check_role(ROLE_KEY_MANAGER)
+        if self._master is not None:
+            raise UsageError("this enclave already holds a master key")
+        self._master = MasterKey.generate(epoch)
+        self._role = ROLE_KEY_MANAGER
+        return _cluster_wire(self._master.cluster_key(epoch))
+
+    def _op_km_import(self, args: dict[str, Any]) -> dict[str, Any]:
+        sealed = get_bytes(
+            args, "sealed", min_len=BOX_OVERHEAD + KEY_LEN, max_len=BOX_OVERHEAD + KEY_LEN
+        )
+        self._check_role(ROLE_KEY_MANAGER)
+        header, state = open_box(bytes(self._x25519), sealed, purpose=Purpose.MASTER)
+        if self._master is None:
+            self._master = MasterKey(header.epoch, state)
+        elif not self._master.same_lineage(header.epoch, state):
+            raise UsageError("this enclave already holds a different master key")
+        self._role = ROLE_KEY_MANAGER
+        epoch = max(header.epoch, self._master.floor)
+        return _cluster_wire(self._master.cluster_key(epoch))
+
+    def _op_km_export(self, args: dict[str, Any]) -> dict[str, Any]:
+        epoch = get_int(args, "epoch", lo=0, hi=MAX_EPOCH)
+        master = self._need_master()
+        recipient = self._attested_recipient(args)
+        return {"sealed": seal_box(recipient, Purpose.MASTER, epoch, master.state_at(epoch))}
+
+    def _op_km_share_epoch(self, args: dict[str, Any]) -> dict[str, Any]:
+        epoch = get_int(args, "epoch", lo=0, hi=MAX_EPOCH)
+        master = self._need_master()
+        recipient = self._attested_recipient(args)
+        secret = master.epoch_secret(epoch)
+        return {"sealed": seal_box(recipient, Purpose.EPOCH, epoch, secret)}
+
+    def _op_cluster_public(self, args: dict[str, Any]) -> dict[str, Any]:
+        epoch = get_int(args, "epoch", lo=0, hi=MAX_EPOCH)
+        if self._master is not None:
+            return _cluster_wire(self._master.cluster_key(epoch))
+        held = self._ring.get(epoch)
+        if held is None:
+            raise UsageError(f"this enclave holds no key for epoch {epoch}")
+        return _cluster_wire(ClusterKey(epoch, held[1]))
+
+    def _op_accept_epoch(self, args: dict[str, Any]) -> dict[str, Any]:
+        sealed = get_bytes(
+            args, "sealed", min_len=BOX_OVERHEAD + KEY_LEN, max_len=BOX_OVERHEAD + KEY_LEN
+        )
+        self._check_role(ROLE_WORKER)
+        header, secret = open_box(bytes(self._x25519), sealed, purpose=Purpose.EPOCH)
+        key = self._ring.add(header.epoch, secret)
+        self._role = ROLE_WORKER
+        return _cluster_wire(key)
+
+    def _op_erase_before(self, args: dict[str, Any]) -> dict[str, Any]:
+        epoch = get_int(args, "epoch", lo=0, hi=MAX_EPOCH)
+        if self._master is not None:
+            self._master.erase_before(epoch)
+        self._ring.erase_before(epoch)
+        return self._key_status()
+
+    def _op_key_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self._key_status()
+
+
+def _cluster_wire(key: ClusterKey) -> dict[str, Any]:
+    return {"epoch": key.epoch, "public_key": key.public_key}
+
+
+def _get_sealed_secrets(args: dict[str, Any]) -> list[bytes]:
+    value = args.get("sealed_secrets", [])
+    if not isinstance(value, list) or len(value) > MAX_SECRETS:
+        raise ProtocolViolation(f"field 'sealed_secrets' must be a list of at most {MAX_SECRETS}")
+    for box in value:
+        if not isinstance(box, bytes) or len(box) > BOX_OVERHEAD + MAX_SECRET_LEN:
+            raise ProtocolViolation(
+                f"each sealed secret must be at most {BOX_OVERHEAD + MAX_SECRET_LEN} bytes"
+            )
+    return value
+
 
 def max_frame_for(limits: ExecutorLimits) -> int:
     """The channel's frame cap for these limits: the largest request plus headroom."""
     largest = max(limits.max_module_bytes + limits.max_input, limits.max_output)
-    return largest + 2 * SEAL_OVERHEAD + 64 * 1024
+    secrets = MAX_SECRETS * (BOX_OVERHEAD + MAX_SECRET_LEN + 8)  # run_sealed's sealed_secrets
+    return largest + 2 * SEAL_OVERHEAD + secrets + 64 * 1024
 
 
 def _limits_from_wire(raw: dict[str, Any]) -> ExecutorLimits:

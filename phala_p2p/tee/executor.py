@@ -1,9 +1,11 @@
-"""WebAssembly executor for jobs (job ABI v1, see ``protocols/job-abi.md``).
+"""WebAssembly executor for jobs (job ABI v2, see ``protocols/job-abi.md``).
 
 Runs inside the enclave. Every job gets a fresh store with its own fuel, a memory cap and a
-wall-clock cap; the compiled module is cached by its SHA-256. A module may import nothing: the
-ABI grants no host functions. Every failure becomes a typed error under
-:class:`phala_p2p.errors.ExecutionError`, and the executor stays usable after it.
+wall-clock cap; the compiled module is cached by its SHA-256. The ABI grants exactly two host
+functions, ``phala.secret_len`` and ``phala.secret_read``, which let a job read the secrets it
+was given (:data:`GRANTED_IMPORTS`); a module importing anything else is refused. Every
+failure becomes a typed error under :class:`phala_p2p.errors.ExecutionError`, and the executor
+stays usable after it.
 
 This module is synchronous; drivers call :meth:`WasmExecutor.run` from a worker thread.
 """
@@ -15,6 +17,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import version as _dist_version
 from typing import Any, Final
@@ -35,13 +38,19 @@ from phala_p2p.errors import (
 __all__ = [
     "ABI_VERSION",
     "ENGINE_SETTINGS",
+    "GRANTED_IMPORTS",
+    "MAX_JOB_SECRETS",
+    "MAX_JOB_SECRET_LEN",
     "WASMTIME_VERSION",
     "ExecResult",
     "ExecutorLimits",
     "WasmExecutor",
 ]
 
-ABI_VERSION: Final = 1
+ABI_VERSION: Final = 2
+# Secrets handed to one job (phala.secret_len / phala.secret_read): how many, how large.
+MAX_JOB_SECRETS: Final = 8
+MAX_JOB_SECRET_LEN: Final = 4096
 WASM_PAGE: Final = 65536
 WASMTIME_VERSION: Final = _dist_version("wasmtime")
 
@@ -65,6 +74,13 @@ ENGINE_SETTINGS: Final[dict[str, bool]] = {
 }
 
 _MAX_U32: Final = 0xFFFF_FFFF
+_I32: Final = wasmtime.ValType.i32()
+
+# The host functions that job ABI v2 grants, by (module, name), with their types.
+GRANTED_IMPORTS: Final[dict[tuple[str, str], wasmtime.FuncType]] = {
+    ("phala", "secret_len"): wasmtime.FuncType([_I32], [_I32]),
+    ("phala", "secret_read"): wasmtime.FuncType([_I32, _I32], [_I32]),
+}
 _MAX_TABLE_ELEMENTS: Final = 100_000
 
 # A loop that burns fuel as fast as the engine allows: the benchmark job.
@@ -212,11 +228,16 @@ class WasmExecutor:
 
     # -- execution ---------------------------------------------------------------------------
 
-    def run(self, module_bytes: bytes, input: bytes, *, fuel: int) -> ExecResult:
+    def run(
+        self, module_bytes: bytes, input: bytes, *, fuel: int, secrets: Sequence[bytes] = ()
+    ) -> ExecResult:
         """Run one job: copy ``input`` in at ``alloc(len)``, call ``run``, return its output.
 
+        ``secrets`` (at most :data:`MAX_JOB_SECRETS`, each at most :data:`MAX_JOB_SECRET_LEN`
+        bytes) are what the job reads with ``phala.secret_len``/``phala.secret_read``.
         Raises InvalidModule, Trap, FuelExhausted, MemoryExhausted, WallClockExceeded or
-        OutputTooLarge (all ExecutionError); UsageError for a bad ``fuel`` or oversized input.
+        OutputTooLarge (all ExecutionError); UsageError for a bad ``fuel``, oversized input or
+        bad secrets.
         """
         if isinstance(fuel, bool) or not isinstance(fuel, int) or fuel <= 0:
             raise UsageError(f"fuel must be a positive int, got {fuel!r}")
@@ -231,11 +252,20 @@ class WasmExecutor:
             raise UsageError(
                 f"input is {len(data)} bytes, above the cap of {self._limits.max_input}"
             )
+        if isinstance(secrets, bytes | str) or not isinstance(secrets, Sequence):
+            raise UsageError("secrets must be a sequence of bytes")
+        if len(secrets) > MAX_JOB_SECRETS:
+            raise UsageError(f"a job gets at most {MAX_JOB_SECRETS} secrets")
+        for secret in secrets:
+            if not isinstance(secret, bytes) or len(secret) > MAX_JOB_SECRET_LEN:
+                raise UsageError(f"each secret must be at most {MAX_JOB_SECRET_LEN} bytes")
         with self._lock:
             module = self._compile_locked(module_bytes)
-            return self._run_locked(module, data, fuel)
+            return self._run_locked(module, data, fuel, tuple(secrets))
 
-    def _run_locked(self, module: wasmtime.Module, data: bytes, fuel: int) -> ExecResult:
+    def _run_locked(
+        self, module: wasmtime.Module, data: bytes, fuel: int, secrets: tuple[bytes, ...]
+    ) -> ExecResult:
         limits = self._limits
         store = wasmtime.Store(self._engine)
         store.set_limits(
@@ -256,7 +286,8 @@ class WasmExecutor:
         watchdog.start()
         try:
             try:
-                instance = wasmtime.Instance(store, module, [])
+                imports = _host_imports(store, module, secrets)
+                instance = wasmtime.Instance(store, module, imports)
             except wasmtime.Trap as err:
                 raise _classify_trap(err, None, store, limits) from err
             except wasmtime.WasmtimeError as err:
@@ -333,11 +364,65 @@ class WasmExecutor:
         return used / max(elapsed, 1e-9)
 
 
+def _host_imports(
+    store: wasmtime.Store, module: wasmtime.Module, secrets: tuple[bytes, ...]
+) -> list[wasmtime.Func]:
+    """The granted host functions, in the module's import order, bound to this job's secrets.
+
+    ``secret_len(i)`` is the length of secret ``i``, or -1 if the job has no secret ``i``.
+    ``secret_read(i, ptr)`` copies secret ``i`` to ``memory[ptr ..]`` and returns its length
+    (-1 if no secret ``i``); a destination outside the memory traps the job.
+    """
+
+    def secret_len(index: int) -> int:
+        return len(secrets[index]) if 0 <= index < len(secrets) else -1
+
+    def secret_read(caller: wasmtime.Caller, index: int, ptr: int) -> int:
+        if not 0 <= index < len(secrets):
+            return -1
+        secret = secrets[index]
+        memory = caller.get("memory")
+        if not isinstance(memory, wasmtime.Memory):  # checked at compile time; be safe
+            raise Trap("job trapped: secret_read: the module has no memory")
+        start = ptr & _MAX_U32
+        if start + len(secret) > memory.data_len(caller):
+            raise Trap("job trapped: secret_read: destination outside memory")
+        if secret:
+            memory.write(caller, secret, start)
+        return len(secret)
+
+    funcs: list[wasmtime.Func] = []
+    for imp in module.imports:
+        name = (imp.module, imp.name)
+        if name == ("phala", "secret_len"):
+            funcs.append(wasmtime.Func(store, GRANTED_IMPORTS[name], secret_len))
+        elif name == ("phala", "secret_read"):
+            funcs.append(
+                wasmtime.Func(store, GRANTED_IMPORTS[name], secret_read, access_caller=True)
+            )
+        else:  # refused by _check_abi when the module was compiled
+            raise InvalidModule(f"module imports {imp.module}.{imp.name}, which is not granted")
+    return funcs
+
+
+def _same_func_type(a: wasmtime.FuncType, b: wasmtime.FuncType) -> bool:
+    return a.params == b.params and a.results == b.results
+
+
 def _check_abi(module: wasmtime.Module) -> None:
-    imports = module.imports
-    if imports:
-        names = ", ".join(f"{imp.module}.{imp.name}" for imp in imports[:4])
-        raise InvalidModule(f"module imports {names}; job ABI v1 grants no host imports")
+    refused = [
+        imp
+        for imp in module.imports
+        if (granted := GRANTED_IMPORTS.get((imp.module or "", imp.name or ""))) is None
+        or not isinstance(imp.type, wasmtime.FuncType)
+        or not _same_func_type(imp.type, granted)
+    ]
+    if refused:
+        names = ", ".join(f"{imp.module}.{imp.name}" for imp in refused[:4])
+        raise InvalidModule(
+            f"module imports {names}; the job ABI grants no host imports other than "
+            "phala.secret_len (i32) -> i32 and phala.secret_read (i32, i32) -> i32"
+        )
     exports = {exp.name: exp.type for exp in module.exports}
     mem = exports.get("memory")
     if not isinstance(mem, wasmtime.MemoryType):

@@ -16,6 +16,7 @@ measurements are kept on chain (see ``protocols/attest.md``).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -38,6 +39,7 @@ ENCLAVE_SOURCES: Final[tuple[str, ...]] = (
     "tee/measurement.py",
     "tee/sealing.py",
     "tee/quote.py",
+    "tee/keys.py",
     "tee/channel.py",
     "tee/enclave_main.py",
     "tee/enclave_boot.py",
@@ -60,10 +62,20 @@ def source_digests(package_dir: Path | None = None) -> list[tuple[str, bytes]]:
     return out
 
 
-def compute_measurement(limits: ExecutorLimits, *, package_dir: Path | None = None) -> bytes:
-    """The 32-byte measurement of an enclave running these sources with these limits."""
+def compute_measurement(
+    limits: ExecutorLimits,
+    *,
+    package_dir: Path | None = None,
+    sources: Sequence[tuple[str, bytes]] | None = None,
+) -> bytes:
+    """The 32-byte measurement of an enclave running these sources with these limits.
+
+    ``sources`` are digests taken earlier with :func:`source_digests` (an enclave takes its
+    own once, at start, and measures its peers' configurations against them).
+    """
     if not isinstance(limits, ExecutorLimits):
         raise UsageError("limits must be an ExecutorLimits")
+    digests = list(sources) if sources is not None else source_digests(package_dir)
     config = {
         "limits": limits.canonical(),
         "engine": dict(sorted(ENGINE_SETTINGS.items())),
@@ -72,7 +84,7 @@ def compute_measurement(limits: ExecutorLimits, *, package_dir: Path | None = No
     }
     body = [
         MEASUREMENT_VERSION,
-        [[rel, digest] for rel, digest in source_digests(package_dir)],
+        [[rel, digest] for rel, digest in digests],
         dict(sorted(config.items())),
     ]
     packed = msgpack.packb(body, use_bin_type=True)

@@ -131,6 +131,12 @@ async def test_enclave_process_serves_jobs_and_keeps_secrets(job: Job) -> None:
         assert receipt.bytes_in == len(job("echo")) + len(MARKER)
         assert 0 < receipt.fuel_used <= receipt.fuel_limit == FUEL
 
+        # a job at the size caps: its input and output cross the channel as blobs
+        big = os.urandom(LIMITS.max_input)
+        output, receipt = await client.run(job("echo"), big)
+        assert output == big
+        assert receipt.bytes_out == len(big)
+
         # every job failure comes back typed, and the enclave keeps serving
         failures: list[tuple[bytes, int, type[Exception]]] = [
             (job("fuel_hog"), 1_000_000, FuelExhausted),
