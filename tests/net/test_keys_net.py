@@ -167,3 +167,54 @@ def _fnv(data: bytes) -> bytes:
     for byte in data:
         h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
     return b"%08x" % h
+
+
+async def test_a_gatekeeper_admitted_by_governance_receives_the_master() -> None:
+    from phala_p2p.config import NodeConfig, Role
+
+    def configure(i: int, cfg: NodeConfig) -> NodeConfig:
+        # node 5 is a key-manager gatekeeper that genesis does not know
+        return cfg.with_(role=Role.GATEKEEPER) if i == 5 else cfg
+
+    async with open_devnet(
+        gatekeepers=4,
+        clients=1,
+        seed=43,
+        chain_params=PARAMS,
+        key_custody=True,
+        configure=configure,
+    ) as net:
+        newcomer = next(n for n in net.gatekeepers if n.config.name.endswith("-5"))
+        founders = [n for n in net.gatekeepers if n is not newcomer]
+        assert newcomer.keys is not None
+        assert newcomer.keys.key_manager
+        await wait_until(lambda: all(f.keys.has_master.is_set() for f in founders), 90)  # type: ignore[union-attr]
+
+        # not a gatekeeper yet: the key managers refuse it the master
+        def refused() -> int:
+            return sum(
+                f.metrics.get("key_requests_refused", reason="not_a_gatekeeper") for f in founders
+            )
+
+        await wait_until(lambda: refused() > 0, 60, message="a refused master request")
+        assert not newcomer.keys.has_master.is_set()
+        stake = founders[0].chain.state.stake(founders[0].account)
+        assert (await newcomer.wallet.stake(stake)).ok
+        p = await founders[0].wallet.propose("gatekeeper_add", account=newcomer.account)
+        assert p.ok
+        assert p.proposal_id is not None
+        await reach(founders, p.height or 0)
+        votes = await _gather(*(f.wallet.vote(p.proposal_id, True) for f in founders))
+        assert all(v.ok for v in votes)
+        await wait_until(
+            lambda: newcomer.keys.has_master.is_set(), 90, message="master handed over"
+        )  # type: ignore[union-attr]
+        # it derives the same cluster key as the founders
+        assert newcomer.tee is not None
+        assert newcomer.tee.enclave is not None
+        assert founders[0].tee is not None
+        assert founders[0].tee.enclave is not None
+        epoch = newcomer.keys.epoch
+        mine = await newcomer.tee.enclave.cluster_public(epoch)
+        theirs = await founders[0].tee.enclave.cluster_public(epoch)
+        assert mine == theirs
