@@ -74,28 +74,34 @@ class BlockSource(Protocol):
     def get_raw(self, height: int) -> bytes | None: ...
 
 
-def serve_sync(
-    request: SyncRequest, source: BlockSource, *, max_bytes: int = MAX_SYNC_BYTES
-) -> SyncResponse:
-    """Answer ``request``; stops at ``max_bytes`` of encoded blocks (but always sends the first
-    block if there is one, as a block may be up to ``max_block_bytes``)."""
+def _stored_answer(
+    request: SyncRequest, source: BlockSource, max_bytes: int
+) -> tuple[int, list[bytes]]:
+    """The responder's head and the stored encodings of the blocks it answers with: from
+    ``start_height`` until ``max_blocks``, its head, or ``max_bytes`` of encoded blocks (but
+    always the first block if there is one, as a block may be up to ``max_block_bytes``)."""
     if max_bytes <= 0:
         raise UsageError("max_bytes must be > 0")
     head = source.head()
-    blocks: list[CommittedBlock] = []
+    raws: list[bytes] = []
     used = 0
-    height = request.start_height
     last = min(head, request.start_height + request.max_blocks - 1)
-    while height <= last:
+    for height in range(request.start_height, last + 1):
         raw = source.get_raw(height)
-        if raw is None:
-            break
-        if blocks and used + len(raw) > max_bytes:
+        if raw is None or (raws and used + len(raw) > max_bytes):
             break
         used += len(raw)
-        blocks.append(decode(raw, max_size=MAX_STORED_BLOCK, expect=CommittedBlock))
-        height += 1
-    return SyncResponse(head, tuple(blocks))
+        raws.append(raw)
+    return head, raws
+
+
+def serve_sync(
+    request: SyncRequest, source: BlockSource, *, max_bytes: int = MAX_SYNC_BYTES
+) -> SyncResponse:
+    """Answer ``request`` (bounded as ``_stored_answer`` says)."""
+    head, raws = _stored_answer(request, source, max_bytes)
+    blocks = tuple(decode(raw, max_size=MAX_STORED_BLOCK, expect=CommittedBlock) for raw in raws)
+    return SyncResponse(head, blocks)
 
 
 def _array_header(n: int) -> bytes:
@@ -109,22 +115,8 @@ def serve_sync_bytes(
 ) -> bytes:
     """``encode(serve_sync(...))``, byte for byte, spliced from the stored encodings
     without decoding them (a server's work per block is a read and a copy)."""
-    if max_bytes <= 0:
-        raise UsageError("max_bytes must be > 0")
-    head = source.head()
-    parts: list[bytes] = []
-    used = 0
-    height = request.start_height
-    last = min(head, request.start_height + request.max_blocks - 1)
-    while height <= last:
-        raw = source.get_raw(height)
-        if raw is None:
-            break
-        if parts and used + len(raw) > max_bytes:
-            break
-        used += len(raw)
-        parts.append(_fields_of_stored(raw))
-        height += 1
+    head, raws = _stored_answer(request, source, max_bytes)
+    parts = [_fields_of_stored(raw) for raw in raws]
     return b"".join(
         (
             _array_header(3),
