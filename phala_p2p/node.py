@@ -75,6 +75,7 @@ class Node:
             connected_peers=self.peers,
             disconnect=self.disconnect,
         )
+        self.gossip.on_activity = self.health.saw
         self.discovery = Discovery(
             self._rr,
             self.metrics,

@@ -322,6 +322,7 @@ class GossipService:
             max_inbound_rpc_size=config.max_message_size + 4096,
         )
         self.pubsub.dispatch = self._dispatch
+        self.on_activity: Callable[[str], None] | None = None  # a peer sent us a message
         self.pubsub.on_bad_stream = self._on_bad_stream
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -462,6 +463,8 @@ class GossipService:
 
     def _validate(self, topic: str, forwarder: str, msg: Any) -> bool:
         own = forwarder == self._peer_id
+        if not own and self.on_activity is not None:
+            self.on_activity(forwarder)
         if len(msg.topicIDs) != 1:
             return self._verdict(topic, forwarder, Validation.reject("multi_topic"), own)
         data = bytes(msg.data)

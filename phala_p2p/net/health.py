@@ -3,7 +3,8 @@
 A frozen process (SIGSTOP, a hung event loop) keeps its TCP connection open, and py-libp2p
 never notices. Every ``interval`` seconds each connected peer gets a ping on
 ``/phala/ping/1.0.0``; a peer with no successful ping for ``dead_after`` seconds is
-disconnected (it may reconnect once it answers again).
+disconnected (it may reconnect once it answers again). Traffic from a peer also proves it
+alive (``saw``): a busy peer whose ping reply waits behind a burst of gossip is not dropped.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class HealthMonitor:
             self._answer,
             ProtocolLimits(max_request=PING_SIZE, max_response=PING_SIZE, max_streams_per_peer=2),
         )
+
+    def saw(self, peer: str) -> None:
+        """``peer`` just sent us something: it is alive whatever its pings say."""
+        if peer in self._last_ok:
+            self._last_ok[peer] = trio.current_time()
 
     async def _answer(self, stream: FramedStream) -> None:
         # One long-lived stream per peer: a ping costs two small frames, not a new stream.
