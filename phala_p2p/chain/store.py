@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from phala_p2p.chain.block import Block, Commit, CommittedBlock, Proposal, Vote
@@ -122,18 +123,26 @@ class BlockStore:
             rows.append((block.height, block.hash, encode(CommittedBlock(block, commit))))
             expect += 1
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 self._db.executemany(
                     "INSERT INTO blocks (height, hash, data) VALUES (?, ?, ?)", rows
                 )
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
         except sqlite3.Error as err:
             raise ChainError(f"cannot store blocks {rows[0][0]}..{rows[-1][0]}: {err}") from err
         self._head = expect - 1
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction: committed if the block completes, else rolled back."""
+        self._db.execute("BEGIN IMMEDIATE")
+        committed = False
+        try:
+            yield
+            self._db.execute("COMMIT")
+            committed = True
+        finally:
+            if not committed:
+                self._db.execute("ROLLBACK")
 
     def get_raw(self, height: int) -> bytes | None:
         """The stored wire encoding of the ``CommittedBlock`` at ``height``."""
@@ -174,8 +183,7 @@ class BlockStore:
         message); call it before carrying out the broadcast that follows the action."""
         data = encode(message)
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 self._db.execute(
                     "INSERT OR REPLACE INTO signed_state VALUES (1, ?, ?, ?, ?, ?, ?)",
                     (
@@ -192,10 +200,6 @@ class BlockStore:
                     (state.height, state.round, state.step, data),
                 )
                 self._db.execute("DELETE FROM own_messages WHERE height < ?", (state.height,))
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
         except sqlite3.Error as err:
             raise ChainError(f"cannot store signing state: {err}") from err
 

@@ -124,12 +124,15 @@ class ChainView:
         else:
             verify_commit(self.chain_id, block, commit, self.validators, light=True)
         token = self.state.checkpoint()
+        applied = False
         try:
             results = self._execute(block)
-        except BaseException:
-            self.state.rollback(token)
-            raise
-        self.state.release(token)
+            applied = True
+        finally:
+            if applied:
+                self.state.release(token)
+            else:
+                self.state.rollback(token)
         self.height = block.height
         self.head_hash = block.hash
         self.head_time_ms = block.header.time_ms

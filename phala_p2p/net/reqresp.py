@@ -33,6 +33,18 @@ from phala_p2p.net.streams import FramedStream
 
 logger = logging.getLogger(__name__)
 
+# What a buggy handler raises (anything else is not a handler's bug and propagates).
+HANDLER_BUGS = (
+    ArithmeticError,
+    AssertionError,
+    AttributeError,
+    LookupError,
+    OSError,
+    RuntimeError,
+    TypeError,
+    ValueError,
+)
+
 Handler = Callable[[str, bytes], Awaitable[bytes]]
 StreamHandler = Callable[[FramedStream], Awaitable[None]]
 
@@ -99,7 +111,7 @@ class RequestResponse:
                 code = err.code if isinstance(err, RemoteError) else ERR_BAD_REQUEST
                 await fs.send_error(code, f"{type(err).__name__}: {err}"[:1000])
                 return
-            except Exception:  # a handler bug must not take the node down
+            except HANDLER_BUGS:  # a handler bug must not take the node down
                 logger.exception("handler for %s failed", protocol)
                 await fs.send_error(ERR_INTERNAL, "internal error")
                 return

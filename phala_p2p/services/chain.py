@@ -203,11 +203,13 @@ class ChainService:
         self.store = BlockStore(
             store_path, genesis_hash=genesis.genesis_hash, durable=config.durable
         )
+        opened = False
         try:
             self.view = self.store.open_view(genesis)
-        except BaseException:
-            self.store.close()
-            raise
+            opened = True
+        finally:
+            if not opened:
+                self.store.close()
         self.state = ChainState(self.view)
         self.mempool = Mempool(
             MempoolConfig(max_txs=config.mempool_max_txs, max_bytes=config.mempool_max_bytes)

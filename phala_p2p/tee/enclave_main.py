@@ -106,6 +106,19 @@ ROLE_WORKER: Final = "worker"
 _MAX_PEER_QUOTE: Final = 8192
 
 
+# What a buggy operation raises (reported by type only: the message may hold secret data).
+_OP_BUGS = (
+    ArithmeticError,
+    AssertionError,
+    AttributeError,
+    LookupError,
+    OSError,
+    RuntimeError,
+    TypeError,
+    ValueError,
+)
+
+
 class EnclaveServer:
     """The request loop of the enclave process (reads ``in_fd``, writes frames to ``out_fd``)."""
 
@@ -217,12 +230,13 @@ class EnclaveServer:
         self._answer(rid, op, args)
 
     def _answer(self, rid: int, op: str, args: dict[str, Any]) -> None:
+        """Run one operation; its typed errors and its bugs become error replies."""
         try:
             handler = getattr(self, f"_op_{op}")
             result = handler(args)
         except P2PError as err:
             self._reply_err(rid, err)
-        except Exception as err:  # a bug must not take the enclave down, nor leak data
+        except _OP_BUGS as err:  # a bug must not take the enclave down, nor leak data
             sys.stderr.write(f"enclave: internal error in {op}: {type(err).__name__}\n")
             self._reply_err(rid, EnclaveError(f"internal error in {op}: {type(err).__name__}"))
         else:

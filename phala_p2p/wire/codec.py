@@ -151,7 +151,7 @@ def _spec(cls: type[Any]) -> _Spec:
 def _compile(cls: type[Any]) -> _Spec:
     try:
         hints = typing.get_type_hints(cls)
-    except Exception as err:  # NameError and friends: an annotation that does not resolve
+    except (NameError, AttributeError, TypeError) as err:  # an annotation that does not resolve
         raise UsageError(f"cannot resolve the annotations of {cls.__qualname__}: {err}") from err
     names: list[str] = []
     decoders: list[Decoder] = []
