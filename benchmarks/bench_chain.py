@@ -142,7 +142,7 @@ async def bench_throughput(total: int, per_block: int) -> None:
         for keeper in net.gatekeepers:
             for tx in txs:
                 keeper.chain.mempool.add(tx, keeper.chain.view)
-            keeper.chain._txs_arrived()
+            keeper.chain.txs_arrived()
         inject = time.perf_counter() - t0
         target = client.chain.state.balance(sink) + len(txs)
         await wait_until(lambda: client.chain.state.balance(sink) >= target, 600)
@@ -218,7 +218,7 @@ async def bench_catchup(blocks: int) -> None:
             async with open_node(fresh_cfg) as fresh:
                 await wait_until(lambda: fresh.is_connected(server.peer_id), 10)
                 connected = time.perf_counter() - t0
-                fresh.chain._want_sync(blocks)
+                fresh.chain.want_sync(blocks)
                 await fresh.chain.wait_for_height(blocks, 300)
                 elapsed = time.perf_counter() - t0 - connected
                 assert fresh.chain.head.hash == server.chain.head.hash

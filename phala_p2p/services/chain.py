@@ -379,12 +379,12 @@ class ChainService:
                 elif isinstance(action, ReportEvidence):
                     self._report_evidence(action)
                 elif isinstance(action, NeedSync):
-                    self._want_sync(action.height)
+                    self.want_sync(action.height)
             self._store_blocks(committed)
         finally:
             self._kick.set()
         if decided and len(self.mempool) and self.consensus is not None:
-            self._txs_arrived()  # more are waiting: the next proposer need not idle
+            self.txs_arrived()  # more are waiting: the next proposer need not idle
         if announce:
             for block, commit in decided:
                 # the proposer announces; the others only if it did not (see _late_announce)
@@ -524,7 +524,7 @@ class ChainService:
             return Validation.ignore("block_old")
         if height > self.view.next_height:
             self._sync_hint.add(msg.forwarder)
-            self._want_sync(height)
+            self.want_sync(height)
             return Validation.ignore("block_ahead")
         try:
             if self.consensus is not None:
@@ -558,7 +558,7 @@ class ChainService:
         result = self.mempool.add(tx, self.view)
         if result.ok:
             self._metrics.count("txs_admitted")
-            self._txs_arrived()
+            self.txs_arrived()
             return ACCEPT
         self._metrics.count("txs_refused", reason=str(result.reason))
         if result.reason in _BENIGN_TX:
@@ -572,7 +572,8 @@ class ChainService:
         self._metrics.count("sync_served")
         return serve_sync_bytes(request, self.store)
 
-    def _want_sync(self, height: int) -> None:
+    def want_sync(self, height: int) -> None:
+        """Blocks up to ``height`` exist elsewhere: fetch them now."""
         if height > self._sync_target:
             self._sync_target = height
         self._sync_wake.set()
@@ -675,7 +676,8 @@ class ChainService:
         finally:
             self.view.state.rollback(token)
 
-    def _txs_arrived(self) -> None:
+    def txs_arrived(self) -> None:
+        """Transactions entered the mempool: a waiting proposer may start early."""
         if self.consensus is not None and self.consensus.started:
             self._handle(self.consensus.on_txs_available(time.time()))
 
@@ -706,7 +708,7 @@ class ChainService:
             result = self.mempool.add(tx, self.view)
             if not result.ok:
                 return Receipt(tx.id, False, None, result.reason, result.detail)
-            self._txs_arrived()
+            self.txs_arrived()
             pending = _Pending(tx, trio.Event(), sent_at=time.monotonic())
             self._pending[tx.id] = pending
             self._send(TOPIC_TXS, encode(tx))

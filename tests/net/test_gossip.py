@@ -65,7 +65,6 @@ async def test_burst_reaches_every_subscriber() -> None:
     "behind during a 1,000-message burst, health checks drop peers mid-burst, and the "
     "messages in flight on those connections are lost (gossip does not backfill); "
     "measured: every subscriber stalls near 570-735 of 1,000",
-    strict=False,
 )
 async def test_burst_of_1000_reaches_every_subscriber() -> None:
     await _burst(peers=10, count=1000, deadline=600)
