@@ -100,6 +100,62 @@ class TeeConfig:
 
 
 @dataclass(frozen=True)
+class MarketConfig:
+    """Capacity adverts, the miner directory and negotiation (``protocols/market.md``).
+
+    Miners: ``price`` per million fuel, ``slots`` (concurrent agreements), ``tags``,
+    ``advert_ttl`` (seconds an advert is believed; re-advertised at half of it and whenever
+    slots change, at most once per ``advert_interval``), and negotiation limits. Every node
+    with a chain keeps a directory of at most ``max_adverts`` and pulls adverts from a peer
+    when it connects and every ``sync_interval`` (gossip does not backfill).
+    """
+
+    price: int = 1_000
+    slots: int = 4
+    tags: tuple[str, ...] = ()
+    max_input: int | None = None  # default: the enclave's input limit
+    advert_ttl: float = 60.0
+    advert_interval: float = 1.0
+    max_rounds: int = 4
+    offer_ttl: float = 10.0
+    min_deadline: float = 1.0
+    max_deadline: float = 3600.0
+    min_escrow_blocks: int = 10
+    sync_interval: float = 10.0
+    max_adverts: int = 10_000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tags", tuple(self.tags))
+        if not isinstance(self.price, int) or self.price < 0:
+            raise UsageError("[market] price must be an int >= 0 (per million fuel)")
+        if not isinstance(self.slots, int) or not 1 <= self.slots <= 1024:
+            raise UsageError("[market] slots must be in 1..1024")
+        if len(self.tags) > 16 or not all(
+            isinstance(t, str) and 0 < len(t) <= 32 for t in self.tags
+        ):
+            raise UsageError("[market] tags: at most 16, each 1..32 characters")
+        if len(set(self.tags)) != len(self.tags):
+            raise UsageError("[market] tags must be distinct")
+        if self.max_input is not None and self.max_input < 1:
+            raise UsageError("[market] max_input must be >= 1")
+        if not 2.0 <= self.advert_ttl <= 600.0:
+            raise UsageError("[market] advert_ttl must be in 2..600 seconds")
+        if not 0 < self.advert_interval <= self.advert_ttl / 2:
+            raise UsageError("[market] advert_interval must be in (0, advert_ttl / 2]")
+        if not 0 <= self.max_rounds <= 8:
+            raise UsageError("[market] max_rounds must be in 0..8")
+        for name in ("offer_ttl", "min_deadline", "max_deadline", "sync_interval"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"[market] {name} must be > 0")
+        if self.offer_ttl > 60:
+            raise UsageError("[market] offer_ttl must be at most 60 seconds")
+        if self.min_deadline > self.max_deadline:
+            raise UsageError("[market] min_deadline must not exceed max_deadline")
+        if self.min_escrow_blocks < 0 or self.max_adverts < 1:
+            raise UsageError("[market] min_escrow_blocks >= 0 and max_adverts >= 1")
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything a node needs to start. ``NodeConfig.from_toml(path)`` reads one from a file."""
 
@@ -118,6 +174,7 @@ class NodeConfig:
     wallet_key: Path | None = None  # the account's key file; None: the node's identity key
     chain: ChainConfig = field(default_factory=ChainConfig)
     tee: TeeConfig = field(default_factory=TeeConfig)
+    market: MarketConfig = field(default_factory=MarketConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.role, Role):
@@ -154,8 +211,8 @@ class NodeConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> NodeConfig:
         """Read a config file: top-level keys of ``[node]``, plus optional ``[gossip]``,
-        ``[limits]``, ``[health]``, ``[discovery]`` and ``[chain]`` tables. Relative paths
-        are relative to the file. Unknown keys are errors."""
+        ``[limits]``, ``[health]``, ``[discovery]``, ``[chain]``, ``[tee]`` and ``[market]``
+        tables. Relative paths are relative to the file. Unknown keys are errors."""
         p = Path(path)
         try:
             raw = tomllib.loads(p.read_text())
@@ -176,6 +233,7 @@ class NodeConfig:
             "discovery": DiscoveryConfig,
             "chain": ChainConfig,
             "tee": TeeConfig,
+            "market": MarketConfig,
         }
         kwargs: dict[str, Any] = {}
         for name, klass in sections.items():

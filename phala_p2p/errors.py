@@ -128,3 +128,13 @@ class TxRejected(ChainError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class NegotiationFailed(P2PError):
+    """No agreement was reached with a miner; ``reason`` names why (a refusal's reason, or
+    what the client refused), ``retry_after`` (seconds) is set when trying later may work."""
+
+    def __init__(self, message: str, *, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after

@@ -24,16 +24,19 @@ from phala_p2p.config import NodeConfig, Role
 from phala_p2p.crypto.identity import Identity
 from phala_p2p.crypto.keyfile import load_or_create_identity, read_identity
 from phala_p2p.errors import PeerUnreachable, UsageError
+from phala_p2p.market.directory import Advert
+from phala_p2p.market.negotiation import Agreement
 from phala_p2p.net.dht import Dht
 from phala_p2p.net.discovery import Discovery, PeerRecord
 from phala_p2p.net.gossip import GossipMessage, GossipService, Subscription, Validation
 from phala_p2p.net.health import HealthMonitor
-from phala_p2p.net.host import PeerGate, build_host, peer_id_of
+from phala_p2p.net.host import ConnectionEvents, PeerGate, build_host, peer_id_of
 from phala_p2p.net.logs import tame_libp2p_loggers
 from phala_p2p.net.metrics import Metrics, serve_prometheus
 from phala_p2p.net.reqresp import Handler, ProtocolLimits, RequestResponse, StreamHandler
 from phala_p2p.services.chain import STORE_FILE, ChainService, Wallet
 from phala_p2p.services.keys import KeyService
+from phala_p2p.services.market import MarketService
 from phala_p2p.services.tee import TeeService, VerifiedMiner, verify_miner
 
 logger = logging.getLogger(__name__)
@@ -88,6 +91,8 @@ class Node:
             dial=self.connect,
         )
         self.dht = Dht(self.host, server=config.role.dht_server)
+        self.events = ConnectionEvents()
+        self.host.get_network().register_notifee(self.events)
         self.discovery.on_role = self._on_role
         self.metrics.gauge("peers", lambda: len(self.peers()))
         self.metrics_port: int | None = None
@@ -99,11 +104,13 @@ class Node:
         elif config.role is Role.MINER:
             logger.warning("miner without an enclave: set [tee] dev_root_key")
         self.keys: KeyService | None = None
+        self._market: MarketService | None = None
         if config.genesis is not None:
             self._chain = _open_chain(self, config)
             self.keys = KeyService(
                 self, key_manager=config.role is Role.GATEKEEPER and config.tee.key_manager
             )
+            self._market = MarketService(self, config.market)
 
     # -- chain -----------------------------------------------------------------------------
 
@@ -126,6 +133,22 @@ class Node:
     @property
     def wallet(self) -> Wallet:
         return Wallet(self.chain)
+
+    @property
+    def market(self) -> MarketService:
+        """Capacity adverts, the miner directory and negotiation."""
+        if self._market is None:
+            raise UsageError("this node keeps no chain, hence no market: set `genesis`")
+        return self._market
+
+    async def find_miners(self, *, wait: float = 0.0, **constraints: Any) -> list[Advert]:
+        """Verified capacity adverts that meet ``constraints``, best first (see
+        :meth:`MarketService.find_miners`)."""
+        return await self.market.find_miners(wait=wait, **constraints)
+
+    async def negotiate(self, miner: Advert | str, **terms: Any) -> Agreement:
+        """Reach a co-signed agreement with ``miner`` (see :meth:`MarketService.negotiate`)."""
+        return await self.market.negotiate(miner, **terms)
 
     async def verify_miner(self, peer_id: str, *, timeout: float = 10.0) -> VerifiedMiner:
         """Attest ``peer_id``'s enclave ourselves (fresh quote over our nonce) and check it
@@ -293,6 +316,8 @@ class Node:
                 await nursery.start(self.tee.run)
             if self.keys is not None:
                 await nursery.start(self.keys.run)
+            if self._market is not None:
+                await nursery.start(self._market.run)
             nursery.start_soon(self.health.run)
             nursery.start_soon(self.discovery.run)
             if self.config.metrics_port is not None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import multiaddr
+from libp2p.abc import INotifee
 from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
@@ -225,3 +226,34 @@ def build_host(
 def _is_ws(addr: multiaddr.Multiaddr) -> bool:
     names = {p.name for p in addr.protocols()}
     return "ws" in names or "wss" in names
+
+
+class ConnectionEvents(INotifee):
+    """Calls ``on_connected(peer_id)`` hooks when a connection to a peer opens.
+
+    Hooks are plain functions run inside the swarm's notification: they must not block
+    (start a task, or feed a bounded channel, for real work).
+    """
+
+    def __init__(self) -> None:
+        self.on_connected: list[Callable[[str], None]] = []
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        peer = str(conn.muxed_conn.peer_id)
+        for hook in list(self.on_connected):
+            hook(peer)
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        return None
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        return None
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        return None

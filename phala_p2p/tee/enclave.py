@@ -57,6 +57,7 @@ from phala_p2p.tee.keyshare import (
 from phala_p2p.tee.messages import AttestRequest, AttestResponse, SessionOffer
 from phala_p2p.tee.quote import MAX_NONCE_LEN, SIM_PLATFORM, UsageReceipt
 from phala_p2p.tee.sealing import JOB_ID_LEN, SESSION_ID_LEN
+from phala_p2p.tee.statements import statement_bytes
 from phala_p2p.wire.codec import decode
 
 __all__ = [
@@ -156,6 +157,11 @@ class Enclave(abc.ABC):
     @abc.abstractmethod
     async def quote(self, nonce: bytes = b"") -> bytes:
         """A fresh raw quote whose report data binds the enclave's keys and ``nonce``."""
+
+    @abc.abstractmethod
+    async def sign(self, purpose: str, payload: bytes) -> bytes:
+        """The identity key's signature of ``payload`` as a statement of ``purpose`` (one of
+        :data:`phala_p2p.tee.statements.PURPOSES`: adverts, counter-offers, agreements)."""
 
     @abc.abstractmethod
     async def benchmark(self) -> float:
@@ -459,6 +465,11 @@ class SimulatedEnclave(Enclave):
             raise UsageError(f"nonce must be at most {MAX_NONCE_LEN} bytes")
         result = await self._call("quote", {"nonce": nonce})
         return _field(get_bytes, result, "quote", max_len=4096)
+
+    async def sign(self, purpose: str, payload: bytes) -> bytes:
+        statement_bytes(purpose, payload)  # checks the arguments here, not in the enclave
+        result = await self._call("sign", {"purpose": purpose, "payload": payload})
+        return _field(get_bytes, result, "signature", min_len=64, max_len=64)
 
     async def benchmark(self) -> float:
         result = await self._call("benchmark", {"fuel": self._config.benchmark_fuel})

@@ -79,6 +79,7 @@ from phala_p2p.tee.sealing import (
     open_sealed,
     seal,
 )
+from phala_p2p.tee.statements import MAX_STATEMENT, statement_bytes
 from phala_p2p.wire.codec import encode
 
 __all__ = ["EnclaveServer", "main"]
@@ -87,7 +88,7 @@ MAX_SESSIONS: Final = 1024
 JOB_QUEUE: Final = 8
 _READ_CHUNK: Final = 1 << 20  # the host gives the channel's pipes 1 MiB buffers
 _INIT_MAX_FRAME: Final = 64 * 1024
-_QUICK_OPS: Final = frozenset({"info", "quote", "open_session", "close_session"})
+_QUICK_OPS: Final = frozenset({"info", "quote", "sign", "open_session", "close_session"})
 _KEY_OPS: Final = frozenset(
     {
         "km_generate",
@@ -283,6 +284,11 @@ class EnclaveServer:
         )
         raw = sign_sim_quote(self._root, self._measurement, report_data, int(time.time()))
         return {"quote": raw}
+
+    def _op_sign(self, args: dict[str, Any]) -> dict[str, Any]:
+        purpose = get_str(args, "purpose", max_len=16)
+        payload = get_bytes(args, "payload", min_len=1, max_len=MAX_STATEMENT)
+        return {"signature": self._identity.sign(statement_bytes(purpose, payload))}
 
     def _op_open_session(self, args: dict[str, Any]) -> dict[str, Any]:
         client_pub = get_bytes(args, "client_pub", min_len=32, max_len=32)

@@ -40,6 +40,7 @@ ENCLAVE_SOURCES: Final[tuple[str, ...]] = (
     "tee/sealing.py",
     "tee/quote.py",
     "tee/keys.py",
+    "tee/statements.py",
     "tee/channel.py",
     "tee/enclave_main.py",
     "tee/enclave_boot.py",

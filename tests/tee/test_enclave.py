@@ -39,6 +39,7 @@ from phala_p2p.tee.messages import AttestRequest
 from phala_p2p.tee.policy import AttestationPolicy, verify_attestation
 from phala_p2p.tee.quote import UsageReceipt, verify_receipt
 from phala_p2p.tee.sealing import ClientSession
+from phala_p2p.tee.statements import MAX_STATEMENT, verify_statement
 
 Job = Callable[[str], bytes]
 
@@ -118,6 +119,17 @@ async def test_enclave_process_serves_jobs_and_keeps_secrets(job: Job) -> None:
             )
 
         assert await enclave.benchmark() > 0
+
+        # statements signed with the identity key, each under its own domain only
+        advert = b"an advert's bytes"
+        signature = await enclave.sign("advert", advert)
+        assert verify_statement(info.identity_pub, "advert", advert, signature)
+        assert not verify_statement(info.identity_pub, "agreement", advert, signature)
+        assert not verify_statement(info.identity_pub, "advert", advert + b"!", signature)
+        with pytest.raises(UsageError, match="statements of"):
+            await enclave.sign("receipt", advert)
+        with pytest.raises(UsageError, match="bytes"):
+            await enclave.sign("advert", b"x" * (MAX_STATEMENT + 1))
 
         client = await _client(enclave)
         output, receipt = await client.run(job("echo"), MARKER)
