@@ -251,8 +251,10 @@ class MarketService:
         if dropped:
             self._notify()
         self._refund_expired(block.height)
-        if self.book is not None:
-            self._advert_due.set()  # registration or stake may have changed
+        if self.advert is not None and self.book is not None:
+            record = miner_by_enclave(self._node.chain.view.state, self.book.enclave)
+            if record is None or record.status != MinerStatus.ACTIVE:
+                self._advert_due.set()  # the advertiser stops advertising a revoked miner
 
     async def _expirer(self) -> None:
         while True:
@@ -427,6 +429,12 @@ class MarketService:
             await self._publish_advert(record.registered_height, fuel_per_s, max_input)
             with trio.move_on_after(config.advert_ttl / 2):
                 await self._advert_due.wait()
+
+    def readvertise(self) -> None:
+        """A miner: publish a fresh advert now (still at most one per ``advert_interval``)."""
+        if self._node.role is not Role.MINER:
+            raise UsageError("only miners advertise")
+        self._advert_due.set()
 
     def _slots_changed(self) -> None:
         self._advert_due.set()

@@ -1,0 +1,416 @@
+"""The market on real hosts: miners advertise attested capacity, every directory converges
+(through gossip, and through /phala/market after a partition heals), clients negotiate
+co-signed agreements, and bad adverts and proposals are refused with their reasons."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from phala_p2p.config import MarketConfig, NodeConfig, Role
+from phala_p2p.crypto.identity import Identity
+from phala_p2p.errors import NegotiationFailed, UsageError
+from phala_p2p.market.advert import CapacityAdvert, SignedAdvert, advert_payload
+from phala_p2p.market.directory import Advert
+from phala_p2p.market.negotiation import Agreement, Ask, ClientNegotiation, Refusal
+from phala_p2p.node import Node, open_node
+from phala_p2p.services.market import CAPACITY_TOPIC, NEGOTIATE_PROTOCOL
+from phala_p2p.tee.statements import statement_bytes
+from phala_p2p.testing import Devnet, open_devnet, wait_until
+from phala_p2p.wire.codec import decode, encode
+
+from .test_chain import FAST, _gather
+
+MINERS = 20
+
+
+def _market(i: int) -> MarketConfig:
+    """Miner ``i``'s offer: prices, slots and tags vary so that filters have work to do."""
+    return MarketConfig(
+        price=1_000 + 100 * (i % 7),
+        slots=1 + i % 4,
+        tags=("gpu",) if i % 3 == 0 else ("cpu", "eu") if i % 3 == 1 else ("cpu",),
+        advert_ttl=20.0,
+        advert_interval=0.2,
+    )
+
+
+def _configure(i: int, cfg: NodeConfig) -> NodeConfig:
+    return cfg.with_(market=_market(i)) if cfg.role is Role.MINER else cfg
+
+
+def _miner_index(net: Devnet, node: Node) -> int:
+    return int(node.config.name.rsplit("-", 1)[1])
+
+
+async def _all_advertised(net: Devnet, nodes: list[Node], timeout: float = 90) -> None:
+    want = {m.peer_id for m in net.miners}
+
+    def everyone_knows_everyone() -> bool:
+        return all({a.peer_id for a in n.market.directory.adverts()} == want for n in nodes)
+
+    await wait_until(everyone_knows_everyone, timeout, message="every directory holds every miner")
+
+
+def _latest(net: Devnet) -> dict[bytes, int]:
+    out = {}
+    for m in net.miners:
+        assert m.market.advert is not None
+        advert = m.market.advert.decode()
+        out[advert.enclave] = advert.seq
+    return out
+
+
+def _holds(node: Node, seqs: dict[bytes, int]) -> bool:
+    held = node.market.directory.seqs()
+    return all(held.get(k, -1) >= v for k, v in seqs.items())
+
+
+async def test_twenty_miners_filter_and_converge_after_a_partition_heals() -> None:
+    async with open_devnet(
+        gatekeepers=1,
+        miners=MINERS,
+        clients=2,
+        seed=51,
+        chain_params=FAST,
+        configure=_configure,
+        full_mesh=False,
+        connect_timeout=60,
+    ) as net:
+        client = net.clients[0]
+        await _all_advertised(net, net.all_nodes)
+
+        # -- filters: each query's answer is computed from the miners' own configs
+        configs = {m.peer_id: _market(_miner_index(net, m)) for m in net.miners}
+        found = await client.find_miners(max_price=1_300, tags=("cpu",), min_free_slots=2)
+        expected = {
+            p for p, c in configs.items() if c.price <= 1_300 and "cpu" in c.tags and c.slots >= 2
+        }
+        assert expected  # the query is not vacuous
+        assert {a.peer_id for a in found} == expected
+        assert [a.price for a in found] == sorted(a.price for a in found)
+        gpu = await client.find_miners(tags="gpu")
+        assert {a.peer_id for a in gpu} == {p for p, c in configs.items() if "gpu" in c.tags}
+        cheapest = await client.find_miners(limit=3)
+        assert len(cheapest) == 3
+        assert max(a.price for a in cheapest) == sorted(c.price for c in configs.values())[2]
+        for advert in found:
+            assert isinstance(advert, Advert)
+            assert advert.cores >= 1
+            assert advert.memory > 0
+            assert advert.fuel_per_s > 0
+            assert advert.expires > time.time()
+            assert advert.free_slots == configs[advert.peer_id].slots
+        assert await client.find_miners(max_price=999) == []
+        with pytest.raises(UsageError, match="unknown constraint"):
+            await client.find_miners(cheapest=True)
+
+        # -- partition: each side's miners re-advertise; the other side cannot hear it
+        left = [net.bootstrap, *net.gatekeepers, *net.miners[:10], net.clients[0]]
+        right = [*net.miners[10:], net.clients[1]]
+        assert all(n is not None for n in left)
+        await net.partition(left, right)  # type: ignore[arg-type]
+        before = _latest(net)
+        for m in net.miners:
+            m.market.readvertise()
+        await wait_until(
+            lambda: all(_latest(net)[k] > v for k, v in before.items()),
+            20,
+            message="every miner re-advertised",
+        )
+        fresh = _latest(net)
+        left_miners = {m.market.book.enclave for m in net.miners[:10] if m.market.book}
+        left_fresh = {k: v for k, v in fresh.items() if k in left_miners}
+        right_fresh = {k: v for k, v in fresh.items() if k not in left_miners}
+        await wait_until(
+            lambda: (
+                all(_holds(n, left_fresh) for n in left if n is not None)
+                and all(_holds(n, right_fresh) for n in right)
+            ),
+            20,
+            message="each side hears its own miners",
+        )
+        # the cut is real: no node on one side has the other side's new adverts
+        assert not any(_holds(n, right_fresh) for n in left if n is not None)
+        assert not any(_holds(n, left_fresh) for n in right)
+
+        # -- heal: gossip does not replay; /phala/market pulls converge both sides
+        await net.heal()
+        healed_at = trio.current_time()
+        await wait_until(
+            lambda: all(_holds(n, fresh) for n in net.all_nodes),
+            10,
+            message="directories converged after the heal",
+        )
+        took = trio.current_time() - healed_at
+        assert took < 3.0, f"directories took {took:.2f}s to converge after the heal"
+
+
+async def test_negotiation_counters_refusals_expiry_and_idempotent_retry() -> None:
+    def configure(i: int, cfg: NodeConfig) -> NodeConfig:
+        if cfg.role is Role.MINER:
+            return cfg.with_(market=MarketConfig(price=2_000, slots=2, max_rounds=2))
+        return cfg
+
+    async with open_devnet(
+        gatekeepers=1, miners=1, clients=1, seed=52, chain_params=FAST, configure=configure
+    ) as net:
+        client, miner = net.clients[0], net.miners[0]
+        (advert,) = await client.find_miners(wait=60)
+        assert advert.peer_id == miner.peer_id
+        operator_before = client.chain.state.balance(client.account)
+
+        # a bid below the ask: the miner counters at its price, the client accepts
+        agreement = await client.negotiate(
+            advert, job_bytes=1_000, max_fuel=10**7, bid=1_000, max_price=3_000
+        )
+        agreement.verify()
+        assert agreement.terms.price == 2_000
+        assert agreement.terms.client == client.account
+        assert agreement.terms.operator == miner.account
+        assert miner.metrics.get("proposals_answered", answer="counter") == 1
+        assert miner.market.agreements[agreement.id] == agreement
+        escrow = client.chain.state.escrow(agreement.terms.escrow_id)
+        assert escrow is not None
+        assert escrow.beneficiary == miner.account
+        assert escrow.amount >= agreement.terms.max_payment
+        assert client.chain.state.balance(client.account) < operator_before
+
+        # a client that will not pay the ask: no agreement, and it says why
+        with pytest.raises(NegotiationFailed) as refused:
+            await client.negotiate(advert, job_bytes=1_000, max_fuel=10**7, max_price=1_500)
+        assert refused.value.reason == "price"
+
+        # input above the miner's limit: a refusal with its reason
+        with pytest.raises(NegotiationFailed) as too_big:
+            await client.negotiate(advert, job_bytes=advert.max_input + 1, max_fuel=10**7)
+        assert too_big.value.reason == "too_large"
+
+        # a proposal sent after its expiry is refused as expired
+        escrow_id = agreement.terms.escrow_id
+        old = ClientNegotiation(
+            _ask(client, advert, escrow_id, client.chain.head.height, price=2_000),
+            client.chain.signer,
+            int(time.time() * 1000) - 20_000,
+            proposal_id=os.urandom(16),
+        )
+        reply = decode(
+            await client.request(miner.peer_id, NEGOTIATE_PROTOCOL, encode(old.proposal))
+        )
+        assert isinstance(reply, Refusal)
+        assert reply.reason == "expired"
+
+        # retrying an accepted proposal returns the very same agreement, one slot held
+        opened = await client.wallet.open_escrow(
+            miner.account, 10**6, client.chain.head.height + 100
+        )
+        assert opened.ok
+        assert opened.height is not None
+        now = int(time.time() * 1000)
+        machine = ClientNegotiation(
+            _ask(client, advert, opened.tx_id, opened.height, price=2_000),
+            client.chain.signer,
+            now,
+            proposal_id=os.urandom(16),
+        )
+        sent = encode(machine.proposal)
+        first = decode(await client.request(miner.peer_id, NEGOTIATE_PROTOCOL, sent))
+        assert isinstance(first, Agreement)
+        assert machine.on_reply(first, now) == first
+        again = decode(await client.request(miner.peer_id, NEGOTIATE_PROTOCOL, sent))
+        assert encode(again) == encode(first)
+        assert miner.market.book is not None
+        assert sorted(miner.market.book.active) == sorted([agreement.id, first.id])
+        assert miner.market.book.free_slots == 0
+        # the same proposal id for other terms is refused
+        reused = dataclasses.replace(machine.proposal, expires_ms=machine.proposal.expires_ms + 1)
+        other = decode(await client.request(miner.peer_id, NEGOTIATE_PROTOCOL, encode(reused)))
+        assert isinstance(other, Refusal)
+        assert other.reason == "id_reused"
+
+
+def _ask(client: Node, advert: Advert, escrow_id: bytes, height: int, *, price: int) -> Ask:
+    return Ask(
+        chain_id=client.chain.view.chain_id,
+        client_peer=client.peer_id,
+        miner_peer=advert.peer_id,
+        enclave=advert.enclave,
+        operator=advert.operator,
+        escrow_id=escrow_id,
+        escrow_height=height,
+        job_bytes=10,
+        max_fuel=10**6,
+        max_price=price,
+        deadline_ms=int(time.time() * 1000) + 60_000,
+    )
+
+
+async def test_two_clients_race_for_the_last_slot_and_exactly_one_wins() -> None:
+    def configure(i: int, cfg: NodeConfig) -> NodeConfig:
+        if cfg.role is Role.MINER:
+            return cfg.with_(market=MarketConfig(price=1_000, slots=1))
+        return cfg
+
+    async with open_devnet(
+        gatekeepers=1, miners=1, clients=2, seed=53, chain_params=FAST, configure=configure
+    ) as net:
+        adverts = [(await c.find_miners(wait=60))[0] for c in net.clients]
+
+        async def attempt(client: Node, advert: Advert) -> Agreement | NegotiationFailed:
+            try:
+                return await client.negotiate(advert, job_bytes=100, max_fuel=10**6)
+            except NegotiationFailed as err:
+                return err
+
+        results = await _gather(*(attempt(c, a) for c, a in zip(net.clients, adverts, strict=True)))
+        won = [r for r in results if isinstance(r, Agreement)]
+        lost = [r for r in results if isinstance(r, NegotiationFailed)]
+        assert len(won) == 1
+        assert len(lost) == 1
+        assert lost[0].reason == "no_slots"
+        assert lost[0].retry_after is not None
+        # the directory learns that the miner is full
+        miner = net.miners[0]
+        await wait_until(
+            lambda: all(
+                (a := c.market.directory.by_peer(miner.peer_id)) is not None and a.free_slots == 0
+                for c in net.clients
+            ),
+            10,
+            message="clients see the miner full",
+        )
+        assert await net.clients[0].find_miners() == []
+        # its slot frees when the agreement ends
+        assert miner.market.release(won[0].id)
+        found = await net.clients[1].find_miners(wait=10)
+        assert [a.peer_id for a in found] == [miner.peer_id]
+
+
+async def test_bad_adverts_are_refused_with_their_reasons_and_offline_miners_drop_out() -> None:
+    def configure(i: int, cfg: NodeConfig) -> NodeConfig:
+        if cfg.role is Role.MINER:
+            return cfg.with_(market=MarketConfig(advert_ttl=4.0, advert_interval=0.5))
+        return cfg
+
+    async with open_devnet(
+        gatekeepers=1, miners=2, clients=2, seed=54, chain_params=FAST, configure=configure
+    ) as net:
+        victim, attacker = net.clients
+        await wait_until(lambda: len(victim.market.directory) == 2, 60, message="two adverts")
+        honest = net.miners[0]
+        assert honest.market.advert is not None
+        real = honest.market.advert.decode()
+        now = int(time.time() * 1000)
+
+        def refused(reason: str, publisher: Node = attacker) -> int:
+            # an invalid advert is not relayed: the peers that hear it first refuse it
+            others = [n for n in net.running if n is not publisher]
+            return sum(n.metrics.get("adverts_refused", reason=reason) for n in others)
+
+        async def publish(signed: SignedAdvert) -> None:
+            await attacker.publish(CAPACITY_TOPIC, encode(signed))
+
+        # forged: a real advert with a lower price, its signature kept
+        cheaper = advert_payload(dataclasses.replace(real, price=1, seq=real.seq + 10**6))
+        await publish(SignedAdvert(cheaper, honest.market.advert.signature))
+        await wait_until(lambda: refused("bad_signature") >= 1, 10, message="forged refused")
+
+        # an attacker's own key, claiming a registration the chain does not have
+        fake = Identity.generate()
+        mine = dataclasses.replace(
+            real,
+            peer_id=attacker.peer_id,
+            enclave=fake.public_key,
+            seq=now,
+            issued_ms=now,
+            expires_ms=now + 4_000,
+        )
+        await publish(_sign(fake, mine))
+        await wait_until(lambda: refused("unregistered") >= 1, 10, message="unregistered refused")
+
+        # expired
+        stale = dataclasses.replace(mine, issued_ms=now - 10_000, expires_ms=now - 5_000)
+        await publish(_sign(fake, stale))
+        await wait_until(lambda: refused("expired") >= 1, 10, message="expired refused")
+
+        # over the limits: more free slots than slots (refused at decoding)
+        over = encode(dataclasses.replace(mine, free_slots=5, slots=1))
+        await attacker.publish(CAPACITY_TOPIC, encode(SignedAdvert(over, fake.sign(over))))
+        await wait_until(
+            lambda: refused("decode_over_limit") + refused("over_limit") >= 1,
+            10,
+            message="over-limit refused",
+        )
+
+        # an advert naming another peer than the one that publishes it
+        assert refused("wrong_sender") == 0
+        posing = dataclasses.replace(mine, peer_id=honest.peer_id, seq=now + 1)
+        await publish(_sign(fake, posing))
+        await wait_until(lambda: refused("wrong_sender") >= 1, 10, message="impostor refused")
+        held = victim.market.directory.adverts()
+        assert {a.peer_id for a in held} == {m.peer_id for m in net.miners}
+        assert all(a.price != 1 for a in held)
+
+        # a miner that goes offline drops out within its advert's TTL
+        gone = net.miners[1]
+        await net.stop(gone)
+        stopped_at = trio.current_time()
+        await wait_until(
+            lambda: victim.market.directory.by_peer(gone.peer_id) is None,
+            10,
+            message="offline miner dropped",
+        )
+        assert trio.current_time() - stopped_at <= 4.0 + 1.0
+
+        # a deregistered miner drops out at once and its new adverts are refused
+        assert honest.tee is not None
+        receipt = await honest.tee.deregister("leaving")
+        assert receipt.ok
+        await wait_until(
+            lambda: victim.market.directory.by_peer(honest.peer_id) is None,
+            10,
+            message="deregistered miner dropped",
+        )
+        assert honest.tee.enclave is not None
+        now = int(time.time() * 1000)
+        late = dataclasses.replace(real, seq=now + 10**7, issued_ms=now, expires_ms=now + 4000)
+        payload = advert_payload(late)
+        signed = SignedAdvert(payload, await honest.tee.enclave.sign("advert", payload))
+        await honest.publish(CAPACITY_TOPIC, encode(signed))
+        await wait_until(lambda: refused("revoked", honest) >= 1, 10, message="revoked refused")
+        assert await victim.find_miners() == []
+
+
+def _sign(identity: Identity, advert: CapacityAdvert) -> SignedAdvert:
+    payload = advert_payload(advert)
+    return SignedAdvert(payload, identity.sign(statement_bytes("advert", payload)))
+
+
+async def test_a_client_knowing_only_a_bootstrap_address_reaches_an_agreement(
+    tmp_path: Path,
+) -> None:
+    async with open_devnet(gatekeepers=1, miners=2, seed=55, chain_params=FAST) as net:
+        assert net.bootstrap is not None
+        await wait_until(lambda: len(net.bootstrap.market.directory) == 2, 60, message="adverts")
+        config = NodeConfig(
+            role=Role.CLIENT,
+            bootstrap=(net.bootstrap.listen_addrs[0],),
+            genesis=net.root / "genesis.toml",
+            data_dir=tmp_path / "newcomer",
+        )
+        async with open_node(config) as newcomer:
+            # the newcomer's account gets tokens the way any user's would: a transfer
+            funder = net.gatekeepers[0]
+            assert (await funder.wallet.transfer(newcomer.account, 10**8)).ok
+            found = await newcomer.find_miners(wait=30)
+            assert {a.peer_id for a in found} == {m.peer_id for m in net.miners}
+            await newcomer.chain.wait_for_height(funder.chain.head.height, timeout=30)
+            agreement = await newcomer.negotiate(found[0], job_bytes=64, max_fuel=10**6)
+            agreement.verify()
+            assert agreement.terms.client == newcomer.account
+            assert agreement.terms.miner_peer == found[0].peer_id
