@@ -121,12 +121,8 @@ class Constraints:
             _non_negative_int(self.max_price, "max_price")
         if self.limit is not None:
             _non_negative_int(self.limit, "limit")
-        if isinstance(self.tags, str):
-            object.__setattr__(self, "tags", (self.tags,))
-        object.__setattr__(self, "tags", tuple(self.tags))
-        if not all(isinstance(t, str) for t in self.tags):
-            raise UsageError("tags must be strings")
-        object.__setattr__(self, "exclude", frozenset(self.exclude))
+        object.__setattr__(self, "tags", _strings(self.tags, "tags"))
+        object.__setattr__(self, "exclude", frozenset(_strings(self.exclude, "exclude")))
         if self.sort not in SORTS:
             raise UsageError(f"sort must be one of {', '.join(SORTS)}, not {self.sort!r}")
 
@@ -167,6 +163,19 @@ class Constraints:
 def _non_negative_int(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise UsageError(f"{name} must be an int >= 0, not {value!r}")
+
+
+def _strings(value: Any, name: str) -> tuple[str, ...]:
+    """One string (a tag, a peer id) or an iterable of them, as a tuple."""
+    if isinstance(value, str):
+        return (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise UsageError(f"{name} must be a string or strings, not {value!r}") from None
+    if not all(isinstance(v, str) for v in items):
+        raise UsageError(f"{name} must be strings, not {value!r}")
+    return items
 
 
 @dataclass
@@ -302,11 +311,14 @@ class Directory:
             if reason is AdvertReason.CHAIN_BEHIND:
                 continue
             del self._pending[enclave]
-            if reason is None and len(self._entries) < self.max_entries:
+            if reason is None and enclave not in self._entries:
+                if len(self._entries) >= self.max_entries:
+                    reason = AdvertReason.FULL  # counted like any other drop
+            if reason is None:
                 held = self._entries.get(enclave)
                 if held is None or advert.seq > held.seq:
                     self._entries[enclave] = Advert.of(advert, signed)
-            elif reason is not None:
+            else:
                 dropped[reason] = dropped.get(reason, 0) + 1
         return dropped
 
@@ -344,6 +356,8 @@ class Directory:
     def page(self, after: bytes, limit: int, now_ms: int) -> tuple[list[SignedAdvert], bytes]:
         """Live signed adverts in enclave order after ``after``; and the cursor to continue
         from (empty when this was the last page)."""
+        if limit < 1:
+            raise UsageError("a page holds at least one advert")
         keys = sorted(k for k, a in self._entries.items() if k > after and a.expires_ms > now_ms)
         chosen = keys[:limit]
         more = len(keys) > limit

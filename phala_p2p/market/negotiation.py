@@ -450,8 +450,12 @@ class MinerBook:
         return agreement
 
     def abandon(self, proposal: Proposal) -> None:
-        """Signing failed: free the slot and escrow reserved for ``proposal``."""
+        """Signing failed: free the slot and escrow reserved for ``proposal`` (nothing, if its
+        agreement was made after all: a stray report must not unbind the escrow it uses)."""
         terms = proposal.terms
+        seen = self._answers.get((proposal.proposal_id, proposal.round))
+        if seen is not None and isinstance(seen[1], Agreement) and seen[1].id == terms.agreement_id:
+            return
         slot = self._slots.get(terms.agreement_id)
         if slot is not None and not slot.confirmed:
             del self._slots[terms.agreement_id]

@@ -1,15 +1,16 @@
-"""Regenerate envelope.json and frames.json from the reference implementation.
+"""Regenerate envelope.json, frames.json and market.json from the reference implementation.
 
     .venv/bin/python protocols/vectors/gen_vectors.py
 
 The vectors pin exact bytes: Ed25519 signatures are deterministic, so the same seed, domain
 and fields always give the same envelope. tests/wire/test_vectors.py loads the JSON files and
-checks that the code reproduces every byte; regenerate only when the wire format changes on
-purpose (and bump its version).
+checks that the code reproduces every byte (tests/market/test_vectors.py for market.json);
+regenerate only when the wire format changes on purpose (and bump its version).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,17 @@ from typing import Any
 import msgpack
 
 from phala_p2p.crypto.identity import Identity
+from phala_p2p.market.advert import CapacityAdvert, SignedAdvert, advert_payload
+from phala_p2p.market.negotiation import (
+    Agreement,
+    AgreementTerms,
+    Counter,
+    Proposal,
+    Refusal,
+    agreement_id,
+)
+from phala_p2p.tee.statements import PURPOSES, statement_bytes
+from phala_p2p.wire.codec import encode
 from phala_p2p.wire.envelope import SIGNING_CONTEXT, seal, signing_bytes
 from phala_p2p.wire.frames import (
     FrameType,
@@ -258,10 +270,198 @@ def frame_vectors() -> dict[str, Any]:
     }
 
 
+# -- market.json -----------------------------------------------------------------------------
+
+MARKET_SEEDS = {
+    "enclave": bytes(range(0x40, 0x60)),  # the miner's enclave identity key
+    "operator": bytes(range(0x60, 0x80)),  # the miner's account (its public key is paid)
+    "client": bytes(range(0x80, 0xA0)),  # the client's account
+}
+MARKET_CHAIN = "phala-vectors"
+MARKET_NOW = 1_700_000_000_000
+
+
+def to_json(value: Any) -> Any:
+    """A message's fields as JSON, in declaration order: bytes as hex, nested messages as
+    objects, tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, tuple | list):
+        return [to_json(v) for v in value]
+    return value
+
+
+def market_messages() -> dict[str, Any]:
+    """The market messages pinned by market.json (the test rebuilds them the same way)."""
+    enclave = Identity.from_seed(MARKET_SEEDS["enclave"])
+    operator = Identity.from_seed(MARKET_SEEDS["operator"])
+    client = Identity.from_seed(MARKET_SEEDS["client"])
+    advert = CapacityAdvert(
+        chain_id=MARKET_CHAIN,
+        peer_id="12D3KooWVectorMiner",
+        addrs=("/ip4/192.0.2.1/tcp/4001", "/ip6/2001:db8::1/tcp/4001"),
+        operator=operator.public_key,
+        enclave=enclave.public_key,
+        registered_height=42,
+        cores=8,
+        memory=1 << 30,
+        fuel_per_s=25_000_000,
+        price=1_000,
+        max_input=1 << 20,
+        max_fuel=1 << 32,
+        slots=4,
+        free_slots=3,
+        tags=("wasm", "sim"),
+        seq=MARKET_NOW,
+        issued_ms=MARKET_NOW,
+        expires_ms=MARKET_NOW + 60_000,
+    )
+    payload = advert_payload(advert)
+    signed = SignedAdvert(payload, enclave.sign(statement_bytes("advert", payload)))
+
+    proposal_id = bytes(range(0xB0, 0xC0))
+    terms = AgreementTerms(
+        agreement_id=agreement_id(MARKET_CHAIN, client.public_key, proposal_id),
+        chain_id=MARKET_CHAIN,
+        client=client.public_key,
+        client_peer="12D3KooWVectorClient",
+        miner_peer=advert.peer_id,
+        enclave=enclave.public_key,
+        operator=operator.public_key,
+        escrow_id=bytes(range(0xC0, 0xE0)),
+        job_bytes=4_096,
+        max_fuel=2_000_000,
+        price=800,  # below the miner's ask: it counters
+        deadline_ms=MARKET_NOW + 300_000,
+    )
+    proposal = Proposal(
+        proposal_id=proposal_id,
+        round=0,
+        terms=terms,
+        escrow_height=57,
+        expires_ms=MARKET_NOW + 10_000,
+        client_sig=client.sign(statement_bytes("agreement", terms.payload())),
+    )
+    # the ask (1,000 per million fuel) and the fuel a 1,600 escrow buys at it
+    offered = dataclasses.replace(terms, price=1_000, max_fuel=1_600_000)
+    unsigned = Counter(proposal_id, 1, offered, MARKET_NOW + 10_000, b"")
+    counter = dataclasses.replace(
+        unsigned, miner_sig=enclave.sign(statement_bytes("counter", unsigned.unsigned()))
+    )
+    agreement = Agreement(
+        terms=offered,
+        client_sig=client.sign(statement_bytes("agreement", offered.payload())),
+        miner_sig=enclave.sign(statement_bytes("agreement", offered.payload())),
+    )
+    refusal = Refusal(proposal_id, 0, "no_slots", "all 4 slots are taken", 2_500)
+    return {
+        "keys": {"enclave": enclave, "operator": operator, "client": client},
+        "advert": advert,
+        "signed_advert": signed,
+        "proposal": proposal,
+        "counter": counter,
+        "agreement": agreement,
+        "refusal": refusal,
+    }
+
+
+def market_vectors() -> dict[str, Any]:
+    m = market_messages()
+    keys = m["keys"]
+    advert, signed = m["advert"], m["signed_advert"]
+    proposal, counter, agreement = m["proposal"], m["counter"], m["agreement"]
+    enclave = keys["enclave"]
+
+    def resigned(bad: CapacityAdvert) -> str:
+        data = encode(bad)
+        return encode(SignedAdvert(data, enclave.sign(statement_bytes("advert", data)))).hex()
+
+    wrong_domain = SignedAdvert(
+        signed.advert, enclave.sign(statement_bytes("counter", signed.advert))
+    )
+    invalid = [
+        ("signed under the counter domain", encode(wrong_domain).hex(), "bad_signature"),
+        (
+            "signed by another key",
+            encode(
+                SignedAdvert(
+                    signed.advert, keys["client"].sign(statement_bytes("advert", signed.advert))
+                )
+            ).hex(),
+            "bad_signature",
+        ),
+        (
+            "more free slots than slots",
+            resigned(dataclasses.replace(advert, free_slots=5)),
+            "over_limit",
+        ),
+        (
+            "lives longer than 10 minutes",
+            resigned(dataclasses.replace(advert, expires_ms=advert.issued_ms + 600_001)),
+            "over_limit",
+        ),
+        (
+            "expires when issued",
+            resigned(dataclasses.replace(advert, expires_ms=advert.issued_ms)),
+            "malformed",
+        ),
+    ]
+    return {
+        "description": (
+            "Market messages (protocols/market.md). Keys are Ed25519 from 'seeds'. 'fields' "
+            "list each message's fields in wire order (bytes as hex); 'wire' is the message's "
+            "encoding; 'statement' is what a signature covers: the purpose's domain, then the "
+            "signed bytes. 'invalid': SignedAdvert wire bytes that decode, whose advert fails "
+            "with 'reason' when decoded and its signature checked."
+        ),
+        "seeds": {name: seed.hex() for name, seed in MARKET_SEEDS.items()},
+        "public_keys": {name: key.public_key.hex() for name, key in keys.items()},
+        "domains": {name: domain.hex() for name, domain in PURPOSES.items()},
+        "signed_advert": {
+            "advert": {"fields": to_json(advert), "wire": signed.advert.hex()},
+            "statement": statement_bytes("advert", signed.advert).hex(),
+            "signature": signed.signature.hex(),
+            "wire": encode(signed).hex(),
+        },
+        "proposal": {
+            "agreement_id": {
+                "chain_id": MARKET_CHAIN,
+                "client": proposal.terms.client.hex(),
+                "proposal_id": proposal.proposal_id.hex(),
+                "agreement_id": proposal.terms.agreement_id.hex(),
+            },
+            "terms_wire": proposal.terms.payload().hex(),
+            "statement": statement_bytes("agreement", proposal.terms.payload()).hex(),
+            "fields": to_json(proposal),
+            "wire": encode(proposal).hex(),
+        },
+        "counter": {
+            "unsigned": counter.unsigned().hex(),
+            "statement": statement_bytes("counter", counter.unsigned()).hex(),
+            "fields": to_json(counter),
+            "wire": encode(counter).hex(),
+        },
+        "agreement": {
+            "terms_wire": agreement.terms.payload().hex(),
+            "statement": statement_bytes("agreement", agreement.terms.payload()).hex(),
+            "fields": to_json(agreement),
+            "wire": encode(agreement).hex(),
+        },
+        "refusal": {"fields": to_json(m["refusal"]), "wire": encode(m["refusal"]).hex()},
+        "invalid": [
+            {"name": name, "signed_advert": wire, "reason": reason}
+            for name, wire, reason in invalid
+        ],
+    }
+
+
 def main() -> None:
     for name, content in (
         ("envelope.json", envelope_vectors()),
         ("frames.json", frame_vectors()),
+        ("market.json", market_vectors()),
     ):
         path = HERE / name
         path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
