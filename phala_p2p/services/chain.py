@@ -708,9 +708,11 @@ class ChainService:
             result = self.mempool.add(tx, self.view)
             if not result.ok:
                 return Receipt(tx.id, False, None, result.reason, result.detail)
-            self.txs_arrived()
+            # Pending before the machine hears of it: a lone gatekeeper may propose, commit
+            # and apply the block within txs_arrived(), and _applied settles pending ones.
             pending = _Pending(tx, trio.Event(), sent_at=time.monotonic())
             self._pending[tx.id] = pending
+            self.txs_arrived()
             self._send(TOPIC_TXS, encode(tx))
         if not wait:
             return Receipt(tx.id, True, None, None, "submitted")

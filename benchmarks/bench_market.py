@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Market benchmarks: real py-libp2p hosts on loopback, every node in one process.
+
+  agreement   client start to a co-signed agreement, p50/p99:
+              cold: a new client node that knows only the bootstrap address (it syncs the
+              chain, pulls adverts, attests the miner, opens an escrow and negotiates);
+              warm: the same client again, directory and attestation cached;
+              baseline: one finalized transaction (submit -> receipt) in the same devnet,
+              since every agreement waits for its escrow to be finalized
+  convergence directories after a partition heals, 20 miners re-advertising on both sides
+              while cut; baseline: one /phala/market pull of every advert from one peer
+
+Every node shares one event loop and the machine's two cores with the miners' enclave
+processes: figures are a floor for nodes in separate processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from phala_p2p.config import DiscoveryConfig, MarketConfig, NodeConfig, Role
+from phala_p2p.crypto.identity import Identity
+from phala_p2p.crypto.keyfile import KEY_FILE_NAME, save_identity
+from phala_p2p.market.negotiation import Agreement
+from phala_p2p.net.health import HealthConfig
+from phala_p2p.node import Node, open_node
+from phala_p2p.testing import Devnet, open_devnet, wait_until
+
+FUEL = 10**6
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p * len(values)))]
+
+
+def line(name: str, values: list[float], base: float) -> None:
+    p50, p99 = pct(values, 0.5), pct(values, 0.99)
+    print(
+        f"{name:<34} p50 {p50 * 1000:7.1f} ms  p99 {p99 * 1000:7.1f} ms  "
+        f"ratio p50/baseline {p50 / base:5.2f}x  (n={len(values)})",
+        flush=True,
+    )
+
+
+async def _finalized_tx(node: Node, to: bytes) -> float:
+    start = trio.current_time()
+    receipt = await node.wallet.transfer(to, 1)
+    assert receipt.ok, receipt
+    return trio.current_time() - start
+
+
+async def bench_agreement(trials: int) -> None:
+    async with open_devnet(gatekeepers=1, miners=4, clients=1, seed=71) as net:
+        assert net.bootstrap is not None
+        funder = net.clients[0]
+        await wait_until(lambda: len(funder.market.directory) == 4, 120, message="adverts")
+        base = [await _finalized_tx(funder, net.gatekeepers[0].account) for _ in range(trials)]
+        baseline = statistics.median(base)
+        print(f"{'baseline: one finalized transfer':<34} p50 {baseline * 1000:7.1f} ms", flush=True)
+        cold: list[float] = []
+        warm: list[float] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for i in range(trials):
+                identity = Identity.generate()
+                data_dir = Path(tmp) / f"client-{i}"
+                save_identity(data_dir / KEY_FILE_NAME, identity)
+                assert (await funder.wallet.transfer(identity.public_key, 10**8)).ok
+                config = NodeConfig(
+                    role=Role.CLIENT,
+                    bootstrap=(net.bootstrap.listen_addrs[0],),
+                    genesis=net.root / "genesis.toml",
+                    data_dir=data_dir,
+                )
+                start = trio.current_time()
+                async with open_node(config) as client:
+                    found = await client.find_miners(wait=30)
+                    await client.chain.wait_for_height(funder.chain.head.height, timeout=30)
+                    agreement = await client.negotiate(found[0], job_bytes=1024, max_fuel=FUEL)
+                    cold.append(trio.current_time() - start)
+                    assert agreement.terms.client == identity.public_key
+                    _job_done(net, agreement)
+                    for _ in range(3):
+                        t0 = trio.current_time()
+                        found = await client.find_miners()
+                        agreement = await client.negotiate(found[0], job_bytes=1024, max_fuel=FUEL)
+                        warm.append(trio.current_time() - t0)
+                        _job_done(net, agreement)
+        line("agreement, cold client", cold, baseline)
+        line("agreement, warm directory", warm, baseline)
+
+
+def _job_done(net: Devnet, agreement: Agreement) -> None:
+    """No job runs here: the miner frees the agreement's slot at once."""
+    assert net.node(agreement.terms.miner_peer).market.release(agreement.id)
+
+
+async def bench_convergence(miners: int, rounds: int) -> None:
+    def configure(i: int, cfg: NodeConfig) -> NodeConfig:
+        cfg = cfg.with_(
+            health=HealthConfig(interval=2.0, dead_after=30.0),
+            discovery=DiscoveryConfig(target_peers=8, interval=0.5),
+        )
+        if cfg.role is Role.MINER:
+            return cfg.with_(market=MarketConfig(advert_ttl=60.0, advert_interval=0.2))
+        return cfg
+
+    async with open_devnet(
+        gatekeepers=1,
+        miners=miners,
+        clients=2,
+        seed=72,
+        configure=configure,
+        full_mesh=False,
+        connect_timeout=120,
+    ) as net:
+        everyone = net.all_nodes
+        want = {m.peer_id for m in net.miners}
+        await wait_until(
+            lambda: all(
+                {a.peer_id for a in n.market.directory.adverts()} == want for n in everyone
+            ),
+            300,
+            message="every directory holds every miner",
+        )
+        pulls = []
+        for _ in range(rounds):
+            t0 = trio.current_time()
+            await net.clients[0].market.pull(net.clients[1].peer_id)
+            pulls.append(trio.current_time() - t0)
+        baseline = statistics.median(pulls)
+        print(
+            f"{'baseline: one pull of ' + str(miners) + ' adverts':<34} "
+            f"p50 {baseline * 1000:7.1f} ms",
+            flush=True,
+        )
+        times = []
+        half = len(net.miners) // 2
+        for _ in range(rounds):
+            left = [n for n in everyone if n not in net.miners[half:] and n is not net.clients[1]]
+            right = [*net.miners[half:], net.clients[1]]
+            await net.partition(left, right)
+            before = _latest(net)
+            for m in net.miners:
+                m.market.readvertise()
+            await wait_until(
+                lambda before=before: all(_latest(net)[k] > v for k, v in before.items()),
+                60,
+                message="re-adverts",
+            )
+            fresh = _latest(net)
+            await net.heal()
+            t0 = trio.current_time()
+            await wait_until(
+                lambda fresh=fresh: all(_holds(n, fresh) for n in everyone),
+                60,
+                message="convergence",
+            )
+            times.append(trio.current_time() - t0)
+        line(f"convergence after heal, {miners} miners", times, baseline)
+
+
+def _latest(net: Devnet) -> dict[bytes, int]:
+    out = {}
+    for m in net.miners:
+        assert m.market.advert is not None
+        advert = m.market.advert.decode()
+        out[advert.enclave] = advert.seq
+    return out
+
+
+def _holds(node: Node, seqs: dict[bytes, int]) -> bool:
+    held = node.market.directory.seqs()
+    return all(held.get(k, -1) >= v for k, v in seqs.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("agreement", "convergence"))
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--miners", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    started = time.time()
+    if args.only in (None, "agreement"):
+        trio.run(bench_agreement, args.trials)
+    if args.only in (None, "convergence"):
+        trio.run(bench_convergence, args.miners, args.rounds)
+    print(f"done in {time.time() - started:.0f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
