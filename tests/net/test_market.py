@@ -45,7 +45,7 @@ def _configure(i: int, cfg: NodeConfig) -> NodeConfig:
     # few connections (gossip relays the rest), and directories compare notes every 3 s.
     cfg = cfg.with_(
         health=HealthConfig(interval=2.0, dead_after=60.0),
-        discovery=DiscoveryConfig(target_peers=8, interval=0.5),
+        discovery=DiscoveryConfig(target_peers=16, interval=0.5),
         market=dataclasses.replace(cfg.market, sync_interval=3.0),
     )
     return cfg.with_(market=_market(i)) if cfg.role is Role.MINER else cfg
