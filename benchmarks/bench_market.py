@@ -177,8 +177,7 @@ def _latest(net: Devnet) -> dict[bytes, int]:
 
 
 def _holds(node: Node, seqs: dict[bytes, int]) -> bool:
-    held = node.market.directory.seqs()
-    return all(held.get(k, -1) >= v for k, v in seqs.items())
+    return node.market.directory.covers(seqs)
 
 
 def main() -> None:

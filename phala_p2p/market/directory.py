@@ -233,6 +233,11 @@ class Directory:
         """Enclave -> the sequence number held (what two directories compare to converge)."""
         return {k: v.seq for k, v in self._entries.items()}
 
+    def covers(self, seqs: Mapping[bytes, int]) -> bool:
+        """Whether, for every enclave named, an advert at least as new as ``seqs`` is held."""
+        held = self._entries
+        return all(k in held and held[k].seq >= v for k, v in seqs.items())
+
     # -- taking adverts --------------------------------------------------------------------
 
     def offer(

@@ -245,11 +245,7 @@ class MarketService:
         return Validation.ignore(f"advert_{reason.value}")
 
     def _on_block(self, block: Block) -> None:
-        dropped = self.directory.refresh(self._facts(), now_ms())
-        for reason, n in dropped.items():
-            self._node.metrics.count("adverts_dropped", n, reason=reason.value)
-        if dropped:
-            self._notify()
+        self._refresh(now_ms())
         self._refund_expired(block.height)
         if self.advert is not None and self.book is not None:
             record = miner_by_enclave(self._node.chain.view.state, self.book.enclave)
@@ -270,12 +266,15 @@ class MarketService:
             now = now_ms()
             if self.book is not None:
                 self.book.expire(now)
-            dropped = self.directory.refresh(self._facts(), now)
-            for reason, n in dropped.items():
-                self._node.metrics.count("adverts_dropped", n, reason=reason.value)
-            if dropped:
-                self._changed.set()
-                self._changed = trio.Event()
+            self._refresh(now)
+
+    def _refresh(self, now: int) -> None:
+        """Drop what expired or lost the chain's backing, and count it by reason."""
+        dropped = self.directory.refresh(self._facts(), now)
+        for reason, n in dropped.items():
+            self._node.metrics.count("adverts_dropped", n, reason=reason.value)
+        if dropped:
+            self._notify()
 
     async def _serve_market(self, peer: str, payload: bytes) -> bytes:
         query = decode(payload, max_size=MAX_QUERY, expect=MarketQuery)
@@ -358,7 +357,7 @@ class MarketService:
         if height is not None:
             with trio.move_on_after(timeout):
                 await self._node.chain.wait_for_height(height, timeout=timeout)
-            self.directory.refresh(self._facts(), now_ms())
+            self._refresh(now_ms())
         found = self._select(wanted)
         if found or wait <= 0:
             return found
