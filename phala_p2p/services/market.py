@@ -296,6 +296,9 @@ class MarketService:
                 if last is not None and trio.current_time() - last < PULL_COOLDOWN:
                     continue
                 self._last_pull[peer] = trio.current_time()
+                if len(self._last_pull) > 4096:  # bounded: forget peers past their cooldown
+                    cutoff = trio.current_time() - PULL_COOLDOWN
+                    self._last_pull = {p: t for p, t in self._last_pull.items() if t > cutoff}
                 nursery.start_soon(self._pull_quietly, peer, limit)
 
     async def _pull_quietly(self, peer: str, limit: trio.CapacityLimiter) -> None:
