@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
         help="gossip a hello on phala/hello/1 every N seconds and report who "
         "was heard (used by the example launcher)",
     )
+    node.add_argument(
+        "--control",
+        action="store_true",
+        help="read JSON commands on stdin (deny, allow_all, dial, peers, readvertise, "
+        "directory) and report the market directory (for launchers and test harnesses; "
+        "implies --json)",
+    )
 
     keys = sub.add_parser("keys", help="identity keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -263,9 +270,12 @@ def _on_block(out: _Output) -> Callable[[Block], None]:
     return hook
 
 
-async def _run_node(cfg: NodeConfig, as_json: bool, hello_every: float = 0.0) -> None:
+async def _run_node(
+    cfg: NodeConfig, as_json: bool, hello_every: float = 0.0, control: bool = False
+) -> None:
     from phala_p2p.node import open_node
 
+    as_json = as_json or control
     async with open_node(cfg) as node, trio.open_nursery() as nursery:
         from phala_p2p.net.logs import PeerIdFilter
 
@@ -307,6 +317,15 @@ async def _run_node(cfg: NodeConfig, as_json: bool, hello_every: float = 0.0) ->
             node.chain.on_block.append(_on_block(out))
         if hello_every > 0:
             nursery.start_soon(_hello, node, hello_every, out)
+        if control:
+            from phala_p2p.control import report_directory
+
+            def emit(event: dict[str, Any]) -> None:
+                out.emit(event, "")
+
+            if node.has_chain:
+                nursery.start_soon(report_directory, node, emit)
+            nursery.start_soon(_serve_stdin, node, emit)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _sig in signals:
                 break
@@ -315,13 +334,24 @@ async def _run_node(cfg: NodeConfig, as_json: bool, hello_every: float = 0.0) ->
             print("stopping", flush=True)
 
 
+async def _serve_stdin(node: Any, emit: Callable[[dict[str, Any]], None]) -> None:
+    import os
+
+    from phala_p2p.control import serve_control
+
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async with stdin:
+        await serve_control(node, stdin, emit)
+    logger.info("control channel closed (stdin ended)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "node":
-            trio.run(_run_node, _node_config(args), args.json, args.hello_every)
+            trio.run(_run_node, _node_config(args), args.json, args.hello_every, args.control)
         elif args.command == "keys":
             from phala_p2p.crypto.keyfile import load_or_create_identity
             from phala_p2p.net.host import peer_id_of

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -250,6 +251,43 @@ class NodeConfig:
                 d = Path(node[key]).expanduser()
                 node[key] = d if d.is_absolute() or base_dir is None else base_dir / d
         return cls(**node, **kwargs)
+
+    def to_toml(self) -> str:
+        """This config as a file :meth:`from_toml` reads back to an equal config (paths are
+        written as they are: absolute paths stay valid wherever the file goes)."""
+        top = [f for f in fields(self) if f.name not in _SECTIONS]
+        lines = ["[node]", *_toml_lines(self, top)]
+        for name in _SECTIONS:
+            section = getattr(self, name)
+            lines += ["", f"[{name}]", *_toml_lines(section, fields(section))]
+        return "\n".join(lines) + "\n"
+
+    def write_toml(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_toml())
+
+
+_SECTIONS = ("gossip", "limits", "health", "discovery", "chain", "tee", "market")
+
+
+def _toml_lines(obj: Any, names: Any) -> list[str]:
+    out = []
+    for f in names:
+        value = getattr(obj, f.name)
+        if value is not None:  # absent keys take their default, and no default is not None
+            out.append(f"{f.name} = {_toml_value(value)}")
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):  # Role is a str
+        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise UsageError(f"cannot write {type(value).__name__} to a config file")
 
 
 def _build(klass: Any, values: Any, section: str) -> Any:

@@ -221,6 +221,10 @@ class MarketService:
                 if height is not None:
                     self._node.chain.want_sync(height)
 
+    async def wait_for_change(self) -> None:
+        """Return once the directory next takes or drops an advert."""
+        await self._changed.wait()
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
