@@ -59,15 +59,18 @@ async def test_process_devnet_partition_cuts_real_connections_and_heal_converges
         )
         fresh = {m.peer_id: m.directory[m.peer_id] for m in miners}
         # the left side heard its own miner's new advert, and not the right side's
-        left_views = [p.directory for p in (net.bootstrap, *net.gatekeepers, miners[0])]
+        left_procs = [net.bootstrap, *net.gatekeepers, miners[0]]  # directories reported live
         await wait_until(
             lambda: all(
-                v.get(miners[0].peer_id, 0) >= fresh[miners[0].peer_id] for v in left_views
+                p.directory.get(miners[0].peer_id, 0) >= fresh[miners[0].peer_id]
+                for p in left_procs
             ),
             30,
             message="the left side heard its miner",
         )
-        assert all(v.get(miners[1].peer_id, 0) < fresh[miners[1].peer_id] for v in left_views)
+        assert all(
+            p.directory.get(miners[1].peer_id, 0) < fresh[miners[1].peer_id] for p in left_procs
+        )
 
         await net.heal()
         await wait_until(lambda: everyone_has(fresh), 30, message="converged after the heal")
