@@ -22,7 +22,6 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.host.basic_host import BasicHost
-from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.exceptions import SwarmException
 from libp2p.network.swarm import Swarm
@@ -106,27 +105,10 @@ class PeerGate:
         return [p for p in list(self._until) if self.is_denied(p)]
 
 
-class _NoAutoConnect(AutoConnector):
-    """py-libp2p's auto-connector, never started.
-
-    It dials every peer in the peerstore until the node holds (low + high watermark) / 2
-    connections (150 with our limits), periodically and after every disconnect: with a
-    few dozen peers that is a full mesh, rebuilt after every cut, and a partitioned node
-    keeps dialing the peers it cannot reach. Discovery keeps ``target_peers`` itself.
-    """
-
-    async def start(self) -> None:
-        return None
-
-
 class GatedSwarm(Swarm):
     """A swarm that refuses denied peers on dial and on connection, both directions."""
 
     gate: PeerGate
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.auto_connector = _NoAutoConnect(swarm=self)
 
     async def dial_peer(self, peer_id: ID) -> Any:
         if self.gate.is_denied(str(peer_id)):
