@@ -149,37 +149,24 @@ async def bench_convergence(miners: int, rounds: int) -> None:
             left = [n for n in everyone if n not in net.miners[half:] and n is not net.clients[1]]
             right = [*net.miners[half:], net.clients[1]]
             await net.partition(left, right)
-            before = _latest(net)
+            before = net.advert_seqs()
             for m in net.miners:
                 m.market.readvertise()
             await wait_until(
-                lambda before=before: all(_latest(net)[k] > v for k, v in before.items()),
+                lambda before=before: all(net.advert_seqs()[k] > v for k, v in before.items()),
                 60,
                 message="re-adverts",
             )
-            fresh = _latest(net)
+            fresh = net.advert_seqs()
             await net.heal()
             t0 = trio.current_time()
             await wait_until(
-                lambda fresh=fresh: all(_holds(n, fresh) for n in everyone),
+                lambda fresh=fresh: all(n.market.directory.covers(fresh) for n in everyone),
                 60,
                 message="convergence",
             )
             times.append(trio.current_time() - t0)
         line(f"convergence after heal, {miners} miners", times, baseline)
-
-
-def _latest(net: Devnet) -> dict[bytes, int]:
-    out = {}
-    for m in net.miners:
-        assert m.market.advert is not None
-        advert = m.market.advert.decode()
-        out[advert.enclave] = advert.seq
-    return out
-
-
-def _holds(node: Node, seqs: dict[bytes, int]) -> bool:
-    return node.market.directory.covers(seqs)
 
 
 def main() -> None:

@@ -119,17 +119,10 @@ async def _run_one(node: Node, command: dict[str, Any], emit: Emit) -> None:
 async def _execute(node: Node, command: dict[str, Any]) -> dict[str, Any]:
     cmd = command.get("cmd")
     if cmd == "deny":
-        peers = _strings(command, "peers")
-        for peer in peers:
-            node.gate.deny(peer)
-        async with trio.open_nursery() as nursery:
-            for peer in peers:
-                if node.is_connected(peer):
-                    nursery.start_soon(node.disconnect, peer)
+        await deny_peers(node, _strings(command, "peers"))
         return {}
     if cmd == "allow_all":
-        node.gate.allow_all()
-        node.host.get_network().clear_dial_failures()
+        allow_all(node)
         return {}
     if cmd == "dial":
         failed: dict[str, str] = {}
@@ -154,6 +147,22 @@ async def _execute(node: Node, command: dict[str, Any]) -> dict[str, Any]:
             raise UsageError("this node keeps no chain, hence no market directory")
         return {"adverts": directory_event(node)["adverts"]}
     raise UsageError(f"unknown command {cmd!r}")
+
+
+async def deny_peers(node: Node, peers: list[str]) -> None:
+    """Refuse ``peers`` both ways and close the connections to them."""
+    for peer in peers:
+        node.gate.deny(peer)
+    async with trio.open_nursery() as nursery:
+        for peer in peers:
+            if node.is_connected(peer):
+                nursery.start_soon(node.disconnect, peer)
+
+
+def allow_all(node: Node) -> None:
+    """Lift every refusal, and forget recent dial failures so that redials go out now."""
+    node.gate.allow_all()
+    node.host.get_network().clear_dial_failures()
 
 
 def _strings(command: dict[str, Any], key: str) -> list[str]:

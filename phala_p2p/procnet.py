@@ -37,7 +37,7 @@ import trio
 
 from phala_p2p.chain.params import ChainParams
 from phala_p2p.config import ChainConfig, NodeConfig, Role, TeeConfig
-from phala_p2p.control import lines_of
+from phala_p2p.control import allow_all, deny_peers, lines_of
 from phala_p2p.crypto.identity import derive_identity
 from phala_p2p.crypto.keyfile import KEY_FILE_NAME, save_identity
 from phala_p2p.errors import P2PError, RemoteError, UsageError
@@ -277,21 +277,15 @@ def _address(member: Member) -> str:
 async def _deny(member: Member, peers: list[str]) -> None:
     if isinstance(member, NodeProcess):
         await member.command("deny", peers=peers)
-        return
-    for peer in peers:
-        member.gate.deny(peer)
-    async with trio.open_nursery() as nursery:
-        for peer in peers:
-            if member.is_connected(peer):
-                nursery.start_soon(member.disconnect, peer)
+    else:
+        await deny_peers(member, peers)
 
 
 async def _allow_all(member: Member) -> None:
     if isinstance(member, NodeProcess):
         await member.command("allow_all")
-        return
-    member.gate.allow_all()
-    member.host.get_network().clear_dial_failures()
+    else:
+        allow_all(member)
 
 
 async def _dial(member: Member, addrs: list[str]) -> None:

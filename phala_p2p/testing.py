@@ -179,6 +179,17 @@ class Devnet:
                 await fresh.connect(addr)
         return fresh
 
+    def advert_seqs(self) -> dict[bytes, int]:
+        """Each miner's latest own advert: enclave key -> seq (compare with
+        ``node.market.directory.covers``)."""
+        out = {}
+        for m in self.miners:
+            if m.market.advert is None:
+                raise UsageError(f"{m} has not advertised yet")
+            advert = m.market.advert.decode()
+            out[advert.enclave] = advert.seq
+        return out
+
     # -- partitions ------------------------------------------------------------------------
 
     def _allowed(self, a: str, b: str) -> bool:

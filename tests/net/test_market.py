@@ -64,19 +64,6 @@ async def _all_advertised(net: Devnet, nodes: list[Node], timeout: float = 300) 
     await wait_until(everyone_knows_everyone, timeout, message="every directory holds every miner")
 
 
-def _latest(net: Devnet) -> dict[bytes, int]:
-    out = {}
-    for m in net.miners:
-        assert m.market.advert is not None
-        advert = m.market.advert.decode()
-        out[advert.enclave] = advert.seq
-    return out
-
-
-def _holds(node: Node, seqs: dict[bytes, int]) -> bool:
-    return node.market.directory.covers(seqs)
-
-
 @pytest.mark.parametrize(
     "miners",
     [
@@ -147,35 +134,35 @@ async def test_miners_filter_and_directories_converge_after_a_partition_heals(
         right = [*net.miners[half:], net.clients[1]]
         assert all(n is not None for n in left)
         await net.partition(left, right)  # type: ignore[arg-type]
-        before = _latest(net)
+        before = net.advert_seqs()
         for m in net.miners:
             m.market.readvertise()
         await wait_until(
-            lambda: all(_latest(net)[k] > v for k, v in before.items()),
+            lambda: all(net.advert_seqs()[k] > v for k, v in before.items()),
             20,
             message="every miner re-advertised",
         )
-        fresh = _latest(net)
+        fresh = net.advert_seqs()
         left_miners = {m.market.book.enclave for m in net.miners[:half] if m.market.book}
         left_fresh = {k: v for k, v in fresh.items() if k in left_miners}
         right_fresh = {k: v for k, v in fresh.items() if k not in left_miners}
         await wait_until(
             lambda: (
-                all(_holds(n, left_fresh) for n in left if n is not None)
-                and all(_holds(n, right_fresh) for n in right)
+                all(n.market.directory.covers(left_fresh) for n in left if n is not None)
+                and all(n.market.directory.covers(right_fresh) for n in right)
             ),
             20,
             message="each side hears its own miners",
         )
         # the cut is real: no node on one side has the other side's new adverts
-        assert not any(_holds(n, right_fresh) for n in left if n is not None)
-        assert not any(_holds(n, left_fresh) for n in right)
+        assert not any(n.market.directory.covers(right_fresh) for n in left if n is not None)
+        assert not any(n.market.directory.covers(left_fresh) for n in right)
 
         # -- heal: gossip does not replay; /phala/market pulls converge both sides
         await net.heal()
         healed_at = trio.current_time()
         await wait_until(
-            lambda: all(_holds(n, fresh) for n in net.all_nodes),
+            lambda: all(n.market.directory.covers(fresh) for n in net.all_nodes),
             10,
             message="directories converged after the heal",
         )
