@@ -110,7 +110,7 @@ async def _run_one(node: Node, command: dict[str, Any], emit: Emit) -> None:
         return
     try:
         extra = await _execute(node, command)
-    except (P2PError, ValueError, TypeError) as err:
+    except P2PError as err:  # UsageError for bad arguments; anything else is a bug
         emit(_nack(ident, str(err)))
         return
     emit({"event": "ack", "id": ident, "ok": True, **extra})

@@ -66,7 +66,8 @@ class NodeProcess:
         self.account = b""
         self.height = 0  # highest finalized block reported
         self.directory: dict[str, int] = {}  # peer id -> advert seq, as last reported
-        self.dropped_lines = 0
+        self.dropped_lines = 0  # event lines the node dropped (it reported how many)
+        self.bad_lines = 0  # event lines we could not read
         self.ready = trio.Event()
         self.exited = trio.Event()
         self._ids = itertools.count(1)
@@ -150,14 +151,25 @@ class NodeProcess:
         assert self.proc is not None
         assert self.proc.stdout is not None
         async for line in lines_of(self.proc.stdout, max_line=16 << 20):
-            if not line:
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                self._on_event(event)
+            if line:
+                self.take_line(line)
+
+    def take_line(self, line: bytes) -> None:
+        """One line of the node's stdout: an event is applied, anything else skipped; a
+        malformed event is counted in ``bad_lines``, never fatal."""
+        try:
+            event = json.loads(line)
+        except ValueError:
+            self.bad_lines += 1
+            return
+        if not isinstance(event, dict):
+            self.bad_lines += 1
+            return
+        try:
+            self._on_event(event)
+        except (KeyError, TypeError, ValueError) as err:
+            self.bad_lines += 1
+            logger.warning("%s: malformed %s event: %s", self.name, event.get("event"), err)
 
 
 Member = NodeProcess | Node

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 import trio
@@ -11,7 +12,7 @@ from phala_p2p import open_node
 from phala_p2p.config import MarketConfig, NodeConfig, Role
 from phala_p2p.errors import RemoteError, UsageError
 from phala_p2p.net.health import HealthConfig
-from phala_p2p.procnet import open_process_devnet
+from phala_p2p.procnet import NodeProcess, open_process_devnet
 from phala_p2p.testing import wait_until
 
 
@@ -102,3 +103,15 @@ def test_counts_are_checked() -> None:
 
     with pytest.raises(UsageError, match="at least one gatekeeper"):
         trio.run(start)
+
+
+def test_malformed_event_lines_are_counted_not_fatal(tmp_path: Path) -> None:
+    p = NodeProcess("miner-1", Role.MINER, NodeConfig(), tmp_path)
+    for line in [b"not json", b"[1]", b'{"event": "block"}', b'{"event": "directory"}']:
+        p.take_line(line)
+    assert p.bad_lines == 4
+    p.take_line(b'{"event": "block", "height": 7}')
+    p.take_line(b'{"event": "directory", "adverts": {"12D3KooX": 5}}')
+    assert p.height == 7
+    assert p.directory == {"12D3KooX": 5}
+    assert p.bad_lines == 4
