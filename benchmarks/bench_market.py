@@ -72,7 +72,8 @@ async def bench_agreement(trials: int) -> None:
                 identity = Identity.generate()
                 data_dir = Path(tmp) / f"client-{i}"
                 save_identity(data_dir / KEY_FILE_NAME, identity)
-                assert (await funder.wallet.transfer(identity.public_key, 10**8)).ok
+                funded = await funder.wallet.transfer(identity.public_key, 10**7)
+                assert funded.ok, funded
                 config = NodeConfig(
                     role=Role.CLIENT,
                     bootstrap=(net.bootstrap.listen_addrs[0],),
