@@ -1,17 +1,18 @@
 #!/usr/bin/env python3
 """Market benchmarks: real py-libp2p hosts on loopback, every node in one process.
 
-  agreement   client start to a co-signed agreement, p50/p99:
-              cold: a new client node that knows only the bootstrap address (it syncs the
-              chain, pulls adverts, attests the miner, opens an escrow and negotiates);
-              warm: the same client again, directory and attestation cached;
-              baseline: one finalized transaction (submit -> receipt) in the same devnet,
-              since every agreement waits for its escrow to be finalized
-  convergence directories after a partition heals, 20 miners re-advertising on both sides
-              while cut; baseline: one /phala/market pull of every advert from one peer
-
-Every node shares one event loop and the machine's two cores with the miners' enclave
-processes: figures are a floor for nodes in separate processes.
+agreement   client start to a co-signed agreement, p50/p99:
+            cold: a new client node that knows only the bootstrap address (it syncs the
+            chain, pulls adverts, attests the miner, opens an escrow and negotiates);
+            warm: the same client again, directory and attestation cached;
+            baseline: one finalized transaction (submit -> receipt) in the same devnet,
+            since every agreement waits for its escrow to be finalized
+convergence directories after a partition heals, miners re-advertising on both sides
+            while cut; baseline: one /phala/market pull of every advert from one peer.
+            With --processes (the default in `make bench`, 20 miners): every node but the
+            two clients is its own OS process (phala_p2p.procnet), as in a deployment;
+            without, every node shares this process's event loop, which on 2 cores gives a
+            floor, not a figure for separate processes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from phala_p2p.crypto.keyfile import KEY_FILE_NAME, save_identity
 from phala_p2p.market.negotiation import Agreement
 from phala_p2p.net.health import HealthConfig
 from phala_p2p.node import Node, open_node
+from phala_p2p.procnet import Member, open_process_devnet
 from phala_p2p.testing import Devnet, open_devnet, wait_until
 
 FUEL = 10**6
@@ -103,6 +105,21 @@ def _job_done(net: Devnet, agreement: Agreement) -> None:
     assert net.node(agreement.terms.miner_peer).market.release(agreement.id)
 
 
+async def _pull_baseline(asker: Node, miners: int, rounds: int) -> float:
+    """Median time of one /phala/market pull of every advert from a connected peer (so the
+    baseline includes no dial)."""
+    source = asker.peers()[0]
+    pulls = []
+    for _ in range(rounds):
+        t0 = trio.current_time()
+        await asker.market.pull(source)
+        pulls.append(trio.current_time() - t0)
+    baseline = statistics.median(pulls)
+    name = f"baseline: one pull of {miners} adverts"
+    print(f"{name:<34} p50 {baseline * 1000:7.1f} ms", flush=True)
+    return baseline
+
+
 async def bench_convergence(miners: int, rounds: int) -> None:
     def configure(i: int, cfg: NodeConfig) -> NodeConfig:
         cfg = cfg.with_(
@@ -131,19 +148,7 @@ async def bench_convergence(miners: int, rounds: int) -> None:
             300,
             message="every directory holds every miner",
         )
-        pulls = []
-        asker = net.clients[0]
-        source = asker.peers()[0]  # a connected peer: the baseline does not include a dial
-        for _ in range(rounds):
-            t0 = trio.current_time()
-            await asker.market.pull(source)
-            pulls.append(trio.current_time() - t0)
-        baseline = statistics.median(pulls)
-        print(
-            f"{'baseline: one pull of ' + str(miners) + ' adverts':<34} "
-            f"p50 {baseline * 1000:7.1f} ms",
-            flush=True,
-        )
+        baseline = await _pull_baseline(net.clients[0], miners, rounds)
         times = []
         half = len(net.miners) // 2
         for _ in range(rounds):
@@ -170,18 +175,84 @@ async def bench_convergence(miners: int, rounds: int) -> None:
         line(f"convergence after heal, {miners} miners", times, baseline)
 
 
+async def bench_convergence_processes(miners: int, rounds: int) -> None:
+    def configure(i: int, cfg: NodeConfig) -> NodeConfig:
+        cfg = cfg.with_(health=HealthConfig(interval=5.0, dead_after=30.0))
+        if cfg.role is Role.MINER:
+            return cfg.with_(market=MarketConfig(advert_ttl=60.0, advert_interval=0.2))
+        return cfg
+
+    async with (
+        open_process_devnet(
+            gatekeepers=1,
+            miners=miners,
+            seed=73,
+            configure=configure,
+            chain_params={"block_time_ms": 5_000},  # see tests/net/test_market_processes.py
+            start_timeout=300,
+        ) as net,
+        open_node(net.local_config("client-1")) as left_client,
+        open_node(net.local_config("client-2")) as right_client,
+    ):
+        net.attach(left_client)
+        net.attach(right_client)
+
+        started = trio.current_time()
+        await wait_until(
+            lambda: net.hold({m.peer_id: 0 for m in net.miners}), 300, message="every advert"
+        )
+        print(
+            f"{'every directory full after start':<34} {trio.current_time() - started:7.1f} s",
+            flush=True,
+        )
+        baseline = await _pull_baseline(left_client, miners, rounds)
+        half = miners // 2
+        assert net.bootstrap is not None
+        left: list[Member] = [net.bootstrap, *net.gatekeepers, *net.miners[:half], left_client]
+        right: list[Member] = [*net.miners[half:], right_client]
+        times: list[float] = []
+        redials: list[float] = []
+        for _ in range(rounds):
+            await net.partition(left, right)
+            before = {m.peer_id: m.directory[m.peer_id] for m in net.miners}
+            async with trio.open_nursery() as nursery:
+                for m in net.miners:
+                    nursery.start_soon(m.command, "readvertise")
+            await wait_until(
+                lambda before=before: all(
+                    m.directory.get(m.peer_id, 0) > before[m.peer_id] for m in net.miners
+                ),
+                60,
+                message="re-adverts",
+            )
+            fresh = {m.peer_id: m.directory[m.peer_id] for m in net.miners}
+            t_heal = trio.current_time()
+            await net.heal()
+            t0 = trio.current_time()
+            redials.append(t0 - t_heal)
+            await wait_until(lambda fresh=fresh: net.hold(fresh), 60, message="convergence")
+            times.append(trio.current_time() - t0)
+        net.check()
+        print(f"{'heal(): every cut pair redialed':<34} p50 {statistics.median(redials):7.1f} s")
+        line(f"convergence after heal, {miners} miners (processes)", times, baseline)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=("agreement", "convergence"))
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--miners", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--processes", action="store_true", help="convergence with every node its own process"
+    )
     args = parser.parse_args()
     started = time.time()
     if args.only in (None, "agreement"):
         trio.run(bench_agreement, args.trials)
     if args.only in (None, "convergence"):
-        trio.run(bench_convergence, args.miners, args.rounds)
+        bench = bench_convergence_processes if args.processes else bench_convergence
+        trio.run(bench, args.miners, args.rounds)
     print(f"done in {time.time() - started:.0f}s", file=sys.stderr)
 
 

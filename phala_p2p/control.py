@@ -10,6 +10,7 @@ on its stdout (with the ``id`` the command carried)::
     {"id": 4, "cmd": "peers"}                            -> "peers": [...]
     {"id": 5, "cmd": "readvertise"}                      a miner advertises now
     {"id": 6, "cmd": "directory"}                        a "directory" event now
+    {"id": 7, "cmd": "metrics"}                          -> "counters": {...}, "gauges": {...}
 
     {"event": "ack", "id": 1, "ok": true}
     {"event": "ack", "id": 9, "ok": false, "error": "unknown command 'x'"}
@@ -142,6 +143,8 @@ async def _execute(node: Node, command: dict[str, Any]) -> dict[str, Any]:
     if cmd == "readvertise":
         node.market.readvertise()
         return {}
+    if cmd == "metrics":
+        return node.metrics.snapshot()
     if cmd == "directory":
         if not node.has_chain:
             raise UsageError("this node keeps no chain, hence no market directory")

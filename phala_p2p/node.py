@@ -228,6 +228,15 @@ class Node:
         """Sign and publish ``data`` on ``topic``; PublishError if it could not go out."""
         await self.gossip.publish(topic, data)
 
+    def seal(self, topic: str, data: bytes) -> bytes:
+        """The signed envelope :meth:`publish` would send, to keep and :meth:`relay`."""
+        return self.gossip.seal(topic, data)
+
+    async def relay(self, topic: str, envelope: bytes) -> bool:
+        """Send a signed envelope (ours from :meth:`seal`, or another author's) unchanged;
+        see :meth:`GossipService.relay`."""
+        return await self.gossip.relay(topic, envelope)
+
     async def subscribe(self, topic: str, *, buffer: int | None = None) -> Subscription:
         """A bounded async iterator of validated messages on ``topic``."""
         return await self.gossip.subscribe(topic, buffer=buffer)

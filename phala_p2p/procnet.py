@@ -216,6 +216,26 @@ class ProcessDevnet:
         """Count an in-process node as a member (for partitions and heals)."""
         self.local.append(node)
 
+    def directories(self, members: Sequence[Member] | None = None) -> list[dict[str, int]]:
+        """Each member's miner directory as peer id -> advert seq (default: every process
+        and every attached node that keeps one). Processes report theirs live."""
+        chosen: list[Member] = [*self.processes, *self.local] if members is None else [*members]
+        out: list[dict[str, int]] = []
+        for m in chosen:
+            if isinstance(m, NodeProcess):
+                out.append(m.directory)
+            elif m.has_chain:
+                out.append({a.peer_id: a.seq for a in m.market.directory.adverts()})
+        return out
+
+    def hold(self, seqs: dict[str, int], members: Sequence[Member] | None = None) -> bool:
+        """Whether every directory (of ``members``) holds adverts at least as new as
+        ``seqs`` (peer id -> seq)."""
+        return all(
+            all(view.get(k, -1) >= v for k, v in seqs.items())
+            for view in self.directories(members)
+        )
+
     def check(self) -> None:
         """UsageError naming every process that has exited."""
         dead = [p for p in self.processes if p.proc is not None and not p.running]

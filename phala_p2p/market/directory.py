@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from phala_p2p.errors import ProtocolViolation, UsageError
@@ -63,9 +63,11 @@ class Advert:
     registered_height: int
     signed: SignedAdvert
     latency: float | None = None
+    # the gossip envelope the advert came in (its author's signature over it), when known
+    envelope: bytes = field(default=b"", repr=False)
 
     @classmethod
-    def of(cls, advert: CapacityAdvert, signed: SignedAdvert) -> Advert:
+    def of(cls, advert: CapacityAdvert, signed: SignedAdvert, envelope: bytes = b"") -> Advert:
         return cls(
             peer_id=advert.peer_id,
             addrs=advert.addrs,
@@ -84,6 +86,7 @@ class Advert:
             expires=advert.expires_ms / 1000,
             registered_height=advert.registered_height,
             signed=signed,
+            envelope=envelope,
         )
 
     @property
@@ -178,6 +181,13 @@ def _strings(value: Any, name: str) -> tuple[str, ...]:
     return items
 
 
+@dataclass(frozen=True)
+class _Pending:
+    advert: CapacityAdvert
+    signed: SignedAdvert
+    envelope: bytes
+
+
 @dataclass
 class _Bucket:
     tokens: float
@@ -202,7 +212,7 @@ class Directory:
         self._burst = burst
         self._refill = refill_per_s
         self._entries: dict[bytes, Advert] = {}
-        self._pending: OrderedDict[bytes, tuple[CapacityAdvert, SignedAdvert]] = OrderedDict()
+        self._pending: OrderedDict[bytes, _Pending] = OrderedDict()
         self._buckets: dict[bytes, _Bucket] = {}
 
     def __len__(self) -> int:
@@ -215,7 +225,7 @@ class Directory:
 
     def pending_height(self) -> int | None:
         """The highest registration height a pending advert waits for (None: none wait)."""
-        return max((a.registered_height for a, _ in self._pending.values()), default=None)
+        return max((w.advert.registered_height for w in self._pending.values()), default=None)
 
     def adverts(self) -> list[Advert]:
         return list(self._entries.values())
@@ -247,9 +257,12 @@ class Directory:
         now_ms: int,
         *,
         sender: str | None = None,
+        envelope: bytes = b"",
     ) -> AdvertReason | None:
         """Take ``signed`` if it is believable and newer than what is held; otherwise say
-        why not. ``sender``: the gossip author, which must be the advertised peer."""
+        why not. ``sender``: the gossip author, which must be the advertised peer;
+        ``envelope``: the author's signed gossip envelope around it, kept with the advert
+        to serve and relay (its signature is the caller's to check)."""
         try:
             advert = signed.decode()
         except ProtocolViolation as err:
@@ -262,15 +275,15 @@ class Directory:
                 return AdvertReason.DUPLICATE
             return AdvertReason.STALE
         waiting = self._pending.get(advert.enclave)
-        if waiting is not None and advert.seq <= waiting[0].seq:
-            return AdvertReason.DUPLICATE if signed == waiting[1] else AdvertReason.STALE
+        if waiting is not None and advert.seq <= waiting.advert.seq:
+            return AdvertReason.DUPLICATE if signed == waiting.signed else AdvertReason.STALE
         if not signed.verify(advert):
             return AdvertReason.BAD_SIGNATURE
         if sender is not None and sender != advert.peer_id:
             return AdvertReason.WRONG_SENDER
         reason = check_advert(advert, chain, now_ms)
         if reason is AdvertReason.CHAIN_BEHIND:
-            self._hold(advert, signed)
+            self._hold(_Pending(advert, signed, envelope))
             return reason
         if reason is not None:
             return reason
@@ -278,13 +291,13 @@ class Directory:
             return AdvertReason.RATE_LIMITED
         if held is None and len(self._entries) >= self.max_entries:
             return AdvertReason.FULL
-        self._entries[advert.enclave] = Advert.of(advert, signed)
+        self._entries[advert.enclave] = Advert.of(advert, signed, envelope)
         self._pending.pop(advert.enclave, None)
         return None
 
-    def _hold(self, advert: CapacityAdvert, signed: SignedAdvert) -> None:
-        self._pending.pop(advert.enclave, None)
-        self._pending[advert.enclave] = (advert, signed)
+    def _hold(self, waiting: _Pending) -> None:
+        self._pending.pop(waiting.advert.enclave, None)
+        self._pending[waiting.advert.enclave] = waiting
         while len(self._pending) > self.max_pending:
             self._pending.popitem(last=False)
 
@@ -311,7 +324,8 @@ class Directory:
                 del self._entries[enclave]
                 self._buckets.pop(enclave, None)
                 dropped[reason] = dropped.get(reason, 0) + 1
-        for enclave, (advert, signed) in list(self._pending.items()):
+        for enclave, waiting in list(self._pending.items()):
+            advert = waiting.advert
             reason = check_advert(advert, chain, now_ms)
             if reason is AdvertReason.CHAIN_BEHIND:
                 continue
@@ -322,7 +336,7 @@ class Directory:
             if reason is None:
                 held = self._entries.get(enclave)
                 if held is None or advert.seq > held.seq:
-                    self._entries[enclave] = Advert.of(advert, signed)
+                    self._entries[enclave] = Advert.of(advert, waiting.signed, waiting.envelope)
             else:
                 dropped[reason] = dropped.get(reason, 0) + 1
         return dropped
@@ -336,7 +350,7 @@ class Directory:
     def next_expiry_ms(self) -> int | None:
         """When the next held advert expires (the driver's next refresh at the latest)."""
         times = [a.expires_ms for a in self._entries.values()]
-        times += [a.expires_ms for a, _ in self._pending.values()]
+        times += [w.advert.expires_ms for w in self._pending.values()]
         return min(times) if times else None
 
     # -- queries ---------------------------------------------------------------------------
@@ -363,7 +377,14 @@ class Directory:
         from (empty when this was the last page)."""
         if limit < 1:
             raise UsageError("a page holds at least one advert")
+        entries, cursor = self.entries_page(after, limit, now_ms)
+        return [a.signed for a in entries], cursor
+
+    def entries_page(self, after: bytes, limit: int, now_ms: int) -> tuple[list[Advert], bytes]:
+        """As :meth:`page`, the held entries themselves (with their envelopes)."""
+        if limit < 1:
+            raise UsageError("a page holds at least one advert")
         keys = sorted(k for k, a in self._entries.items() if k > after and a.expires_ms > now_ms)
         chosen = keys[:limit]
         more = len(keys) > limit
-        return [self._entries[k].signed for k in chosen], (chosen[-1] if more else b"")
+        return [self._entries[k] for k in chosen], (chosen[-1] if more else b"")

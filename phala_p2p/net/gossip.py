@@ -27,8 +27,8 @@ import logging
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 import trio
 from google.protobuf.message import DecodeError
@@ -88,6 +88,7 @@ class GossipMessage:
     seqno: int
     time_ms: int
     forwarder: str  # the peer that handed it to us
+    envelope: bytes = field(default=b"", repr=False)  # the signed bytes, as relay() takes them
 
 
 Validator = Callable[[GossipMessage], Validation]
@@ -265,6 +266,9 @@ class _GossipSub(GossipSub):
         super()._handle_dropped_rpc(peer_id, rpc, reason)
 
 
+RELAY_MARGIN_MS: Final = 10_000
+
+
 def _message_id(msg: Any) -> bytes:
     # Content-addressed: an envelope is unique per (signer, seqno), so its hash is too.
     return hashlib.blake2b(bytes(msg.data), digest_size=20).digest()
@@ -303,6 +307,7 @@ class GossipService:
         self._penalties: dict[str, deque[float]] = {}
         self._validated: OrderedDict[bytes, GossipMessage] = OrderedDict()
         self._publish_lock = trio.Lock()
+        self._relays: OrderedDict[bytes, None] = OrderedDict()  # ids relay() is sending
         self._announced: dict[ID, int] = {}
         self._punish_send, self._punish_recv = trio.open_memory_channel[str](256)
         self.router = _GossipSub(
@@ -405,6 +410,12 @@ class GossipService:
 
     async def publish(self, topic: str, data: bytes, *, kind: int = KIND_RAW) -> None:
         """Sign ``data`` for ``topic`` and send it; PublishError if it cannot go out."""
+        await self._send(topic, self.seal(topic, data, kind=kind))
+        self._metrics.count("published", topic=topic)
+
+    def seal(self, topic: str, data: bytes, *, kind: int = KIND_RAW) -> bytes:
+        """The envelope :meth:`publish` would send: for a caller that keeps it (to serve it
+        later, say) and sends it with :meth:`relay`."""
         _check_topic(topic)
         if not isinstance(data, bytes | bytearray | memoryview):
             raise UsageError("publish takes bytes")
@@ -421,6 +432,40 @@ class GossipService:
                 f"message of {len(data)} bytes is over the gossip cap of "
                 f"{self.config.max_message_size} bytes: use a request or a stream"
             )
+        return envelope
+
+    async def relay(self, topic: str, envelope: bytes) -> bool:
+        """Send a signed envelope on, byte for byte: another author's
+        (``GossipMessage.envelope``), or our own from :meth:`seal`.
+
+        For what gossip does not backfill: a node that learned a message by request (after a
+        partition, say) hands it to the peers that missed it. Message ids are the envelope's
+        hash, so a relay is the author's own message everywhere: a peer that has seen it
+        drops the copy unvalidated, and it spreads like the original. The caller vouches
+        for the content: our own validator does not see it, nor do our own subscribers.
+        Returns False, counted as
+        ``relay_skipped``, when we have sent or seen it already or it is too old for peers to
+        take (``max_age_ms``, less a margin for the trip). ProtocolViolation if it is not an
+        envelope for ``topic``; PublishError as for :meth:`publish`.
+        """
+        _check_topic(topic)
+        envelope = bytes(envelope)
+        env = open_envelope(envelope, domain=topic, max_size=self.config.max_message_size)
+        if env.time_ms < self._clock_ms() - self.config.max_age_ms + RELAY_MARGIN_MS:
+            self._metrics.count("relay_skipped", reason="too_old")
+            return False
+        msg_id = hashlib.blake2b(envelope, digest_size=20).digest()
+        if self.pubsub.seen_messages.has(msg_id):
+            self._metrics.count("relay_skipped", reason="seen")
+            return False
+        self._relays[msg_id] = None
+        while len(self._relays) > 1024:
+            self._relays.popitem(last=False)
+        await self._send(topic, envelope)
+        self._metrics.count("relayed", topic=topic)
+        return True
+
+    async def _send(self, topic: str, envelope: bytes) -> None:
         await self._join(topic)
         async with self._publish_lock:
             await self._wait_for_room(topic)
@@ -428,7 +473,6 @@ class GossipService:
             await self.pubsub.publish(topic, envelope)
             if self._metrics.get("dropped", reason="queue_full") != drops_before:
                 raise PublishError(f"a send queue overflowed while publishing on {topic}")
-        self._metrics.count("published", topic=topic)
 
     async def _wait_for_room(self, topic: str) -> None:
         deadline = trio.current_time() + self.config.publish_timeout
@@ -469,6 +513,11 @@ class GossipService:
 
     def _validate(self, topic: str, forwarder: str, msg: Any) -> bool:
         own = forwarder == self._peer_id
+        if own and self._relays:
+            msg_id = _message_id(msg)
+            if msg_id in self._relays:
+                del self._relays[msg_id]
+                return True  # relay(): validated by the caller, delivered to us already
         if not own and self.on_activity is not None:
             self.on_activity(forwarder)
         if len(msg.topicIDs) != 1:
@@ -489,7 +538,7 @@ class GossipService:
                 else Validation.reject(str(replay))
             )
             return self._verdict(topic, forwarder, verdict, own)
-        message = _to_message(topic, env, forwarder)
+        message = _to_message(topic, env, forwarder, data)
         validator = self._validators.get(topic)
         result = validator(message) if validator is not None else ACCEPT
         if result.verdict is Verdict.ACCEPT:
@@ -570,7 +619,7 @@ class GossipService:
                 self._metrics.count("dropped", reason="subscriber_full")
 
 
-def _to_message(topic: str, env: Envelope, forwarder: str) -> GossipMessage:
+def _to_message(topic: str, env: Envelope, forwarder: str, raw: bytes) -> GossipMessage:
     return GossipMessage(
         topic=topic,
         data=env.body,
@@ -579,6 +628,7 @@ def _to_message(topic: str, env: Envelope, forwarder: str) -> GossipMessage:
         seqno=env.seqno,
         time_ms=env.time_ms,
         forwarder=forwarder,
+        envelope=raw,
     )
 
 

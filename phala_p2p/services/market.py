@@ -6,7 +6,10 @@ Every node that keeps the chain keeps a directory. It takes adverts from gossip 
 against the chain: signature of a registered, staked, unrevoked enclave; newest sequence
 number; not expired) and pulls them from a peer over ``/phala/market/1.0.0`` when the peer
 connects and every ``sync_interval``: gossip does not backfill, so a new client, or a node
-whose partition just healed, learns what it missed by asking.
+whose partition just healed, learns what it missed by asking. Pages carry each advert in
+the gossip envelope its miner published, and a node relays the envelopes it learned that way
+unchanged: gossip ids are envelope hashes, so the relay spreads the miner's own message to the
+peers that missed it and dies out at those that did not.
 
 A registered miner advertises (signed by its enclave) at start, at half its TTL, and
 whenever its free slots change, at most once per ``advert_interval``; it answers proposals
@@ -72,7 +75,9 @@ from phala_p2p.market.negotiation import (
     SignCounter,
 )
 from phala_p2p.net.gossip import ACCEPT, GossipMessage, Validation
+from phala_p2p.net.host import peer_id_of
 from phala_p2p.wire.codec import decode, encode, message
+from phala_p2p.wire.envelope import open_envelope
 
 if TYPE_CHECKING:
     from phala_p2p.node import Node
@@ -84,9 +89,11 @@ CAPACITY_TOPIC: Final = "phala/capacity/1"
 MARKET_PROTOCOL: Final = "/phala/market/1.0.0"
 NEGOTIATE_PROTOCOL: Final = "/phala/negotiate/1.0.0"
 MAX_SIGNED_ADVERT: Final = 2300
+MAX_ADVERT_ENVELOPE: Final = MAX_SIGNED_ADVERT + 128  # a gossip envelope around one advert
 PAGE_SIZE: Final = 256
 MAX_PAGES: Final = 64  # at most 16,384 adverts per pull
-MAX_PAGE_BYTES: Final = PAGE_SIZE * (MAX_SIGNED_ADVERT + 8) + 128
+MAX_PAGE_BYTES: Final = PAGE_SIZE * (MAX_ADVERT_ENVELOPE + 3) + 128
+RELAY_QUEUE: Final = 256
 MAX_QUERY: Final = 128
 PULL_COOLDOWN: Final = 2.0  # pull from one peer at most this often
 PULL_QUEUE: Final = 64
@@ -107,7 +114,11 @@ class MarketQuery:
 @message(403)
 @dataclass(frozen=True)
 class MarketPage:
-    adverts: tuple[SignedAdvert, ...] = field(metadata={"max_len": PAGE_SIZE})
+    """Held adverts, each in the gossip envelope its miner published it in."""
+
+    adverts: tuple[bytes, ...] = field(
+        metadata={"max_len": PAGE_SIZE, "item_max_len": MAX_ADVERT_ENVELOPE}
+    )
     next: bytes = field(metadata={"max_len": 32})  # empty: the last page
 
 
@@ -157,6 +168,7 @@ class MarketService:
         self._wake_expiry = trio.Event()
         self._pulled = trio.Event()  # a first pull has been answered
         self._send_pull, self._pulls = trio.open_memory_channel[str](PULL_QUEUE)
+        self._send_relay, self._relays = trio.open_memory_channel[bytes](RELAY_QUEUE)
         self._last_pull: dict[str, float] = {}
         self._locks: dict[bytes, trio.Lock] = {}
         self._attested: OrderedDict[str, tuple[VerifiedMiner, float]] = OrderedDict()
@@ -193,6 +205,7 @@ class MarketService:
                 nursery.start_soon(self._drain, sub)
                 nursery.start_soon(self._expirer)
                 nursery.start_soon(self._puller)
+                nursery.start_soon(self._relayer)
                 nursery.start_soon(self._anti_entropy)
                 for peer in node.peers():
                     self._on_connected(peer)
@@ -238,10 +251,10 @@ class MarketService:
         except ProtocolViolation as err:
             self._node.metrics.count("adverts_refused", reason=f"decode_{err.reason}")
             return Validation.reject(f"advert_{err.reason}")
-        reason = self.directory.offer(signed, self._facts(), now_ms(), sender=msg.sender)
+        reason = self.directory.offer(
+            signed, self._facts(), now_ms(), sender=msg.sender, envelope=msg.envelope
+        )
         self._count(reason, "gossip")
-        if msg.sender == self._node.peer_id and msg.forwarder == self._node.peer_id:
-            return ACCEPT  # our own advert goes out even when our directory holds it already
         if reason is None:
             return ACCEPT
         if reason in PUNISHABLE:
@@ -282,9 +295,12 @@ class MarketService:
 
     async def _serve_market(self, peer: str, payload: bytes) -> bytes:
         query = decode(payload, max_size=MAX_QUERY, expect=MarketQuery)
-        adverts, cursor = self.directory.page(query.after, query.limit, now_ms())
+        entries, cursor = self.directory.entries_page(query.after, query.limit, now_ms())
         self._node.metrics.count("market_pages_served")
-        return encode(MarketPage(tuple(adverts), cursor))
+        unserved = sum(1 for a in entries if not a.envelope)
+        if unserved:  # offered to the directory by hand (tests, tools), not by the network
+            self._node.metrics.count("adverts_unserved", unserved, reason="no_envelope")
+        return encode(MarketPage(tuple(a.envelope for a in entries if a.envelope), cursor))
 
     def _on_connected(self, peer: str) -> None:
         try:
@@ -332,10 +348,8 @@ class MarketService:
             )
             page = decode(raw, max_size=MAX_PAGE_BYTES, expect=MarketPage)
             facts, now = self._facts(), now_ms()
-            for signed in page.adverts:
-                reason = self.directory.offer(signed, facts, now)
-                self._count(reason, "pull")
-                taken += reason is None
+            for envelope in page.adverts:
+                taken += self._take_pulled(envelope, facts, now)
             if not page.next:
                 break
             if page.next <= after:
@@ -344,6 +358,33 @@ class MarketService:
         self._node.metrics.count("market_pulls")
         self._pulled.set()
         return taken
+
+    def _take_pulled(self, envelope: bytes, facts: _Facts, now: int) -> bool:
+        """Offer an advert a peer handed us in its miner's envelope; relay it if it was new
+        to us (gossip does not backfill: our mesh may have missed it too)."""
+        try:
+            env = open_envelope(envelope, domain=CAPACITY_TOPIC, max_size=MAX_ADVERT_ENVELOPE)
+            signed = decode(env.body, max_size=MAX_SIGNED_ADVERT, expect=SignedAdvert)
+        except ProtocolViolation as err:
+            self._node.metrics.count("adverts_refused", reason=f"decode_{err.reason}")
+            return False
+        sender = peer_id_of(env.signer)
+        reason = self.directory.offer(signed, facts, now, sender=sender, envelope=envelope)
+        self._count(reason, "pull")
+        if reason is not None:
+            return False
+        try:
+            self._send_relay.send_nowait(envelope)
+        except trio.WouldBlock:
+            self._node.metrics.count("relay_skipped", reason="queue_full")
+        return True
+
+    async def _relayer(self) -> None:
+        async for envelope in self._relays:
+            try:
+                await self._node.relay(CAPACITY_TOPIC, envelope)
+            except (P2PError, ProtocolViolation) as err:
+                logger.debug("advert relay failed: %s", err)
 
     async def find_miners(
         self, *, wait: float = 0.0, timeout: float = 10.0, **constraints: Any
@@ -489,9 +530,12 @@ class MarketService:
         payload = advert_payload(advert)
         signed = SignedAdvert(payload, await tee.enclave.sign("advert", payload))
         self.advert = signed
-        self._count(self.directory.offer(signed, self._facts(), now), "own")
+        # Our directory holds it, in its envelope, even if no peer hears it now: a pull
+        # hands peers that envelope, which they can relay as ours.
+        envelope = node.seal(CAPACITY_TOPIC, encode(signed))
+        self._count(self.directory.offer(signed, self._facts(), now, envelope=envelope), "own")
         try:
-            await node.publish(CAPACITY_TOPIC, encode(signed))
+            await node.relay(CAPACITY_TOPIC, envelope)
             node.metrics.count("adverts_published")
         except P2PError as err:
             logger.info("advert not published: %s", err)

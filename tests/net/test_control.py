@@ -74,6 +74,12 @@ async def test_deny_cuts_a_real_connection_and_allow_all_and_dial_restore_it() -
             dialed = await d.ask({"id": "five", "cmd": "dial", "addrs": [b.listen_addrs[0]]})
             assert dialed == {"event": "ack", "id": "five", "ok": True, "failed": {}}
             assert a.is_connected(b.peer_id)
+
+            # the node's counters and gauges, as plain JSON
+            metrics = await d.ask({"id": 6, "cmd": "metrics"})
+            assert metrics["ok"]
+            assert metrics["counters"] == a.metrics.snapshot()["counters"]
+            assert metrics["gauges"]["peers"] == 1
             nursery.cancel_scope.cancel()
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 
 from phala_p2p import Validation
-from phala_p2p.errors import UsageError
+from phala_p2p.crypto.identity import Identity
+from phala_p2p.errors import ProtocolViolation, UsageError
 from phala_p2p.testing import open_devnet, wait_until
+from phala_p2p.wire.envelope import seal
 
 TOPIC = "test/chat/1"
 
@@ -150,3 +154,42 @@ async def test_publish_argument_errors() -> None:
             await node.publish("", b"x")
         with pytest.raises(UsageError):
             await node.publish(TOPIC, b"x" * (2 << 20))
+
+
+async def test_relay_sends_the_authors_envelope_once_network_wide() -> None:
+    async with open_devnet(peers=4, seed=5) as net:
+        author, relayer, *others = net.nodes
+        subs = [await n.subscribe(TOPIC) for n in net.nodes]
+        await _meshed(net, TOPIC, subs)
+        envelope = author.seal(TOPIC, b"learned by request")  # sealed, never published
+        assert await relayer.relay(TOPIC, envelope)
+        for node, sub in zip(net.nodes, subs, strict=True):
+            if node is relayer:
+                continue  # a relayer knows the message already: not delivered to itself
+            with trio.fail_after(10):
+                msg = await sub.receive()
+            assert msg.data == b"learned by request"
+            assert msg.sender == author.peer_id  # the author's message, not the relayer's
+            assert msg.envelope == envelope
+        # The message id is the envelope's hash: everyone has seen it, relays stop here.
+        assert not await relayer.relay(TOPIC, envelope)
+        assert not await others[0].relay(TOPIC, envelope)
+        assert not await author.relay(TOPIC, envelope)
+        skipped = sum(n.metrics.get("relay_skipped", reason="seen") for n in net.nodes)
+        assert skipped == 3
+        assert relayer.metrics.get("relayed", topic=TOPIC) == 1
+
+        # what peers would drop as too old is not sent
+        now = int(time.time() * 1000)
+        max_age = relayer.gossip.config.max_age_ms
+        old = seal(
+            Identity.generate(), domain=TOPIC, kind=0, body=b"x", seqno=1, time_ms=now - max_age
+        )
+        assert not await relayer.relay(TOPIC, old)
+        assert relayer.metrics.get("relay_skipped", reason="too_old") == 1
+        # not an envelope, or one signed for another topic
+        with pytest.raises(ProtocolViolation):
+            await relayer.relay(TOPIC, b"\x93\x01\x02")
+        other = author.seal("test/other/1", b"x")
+        with pytest.raises(ProtocolViolation, match="signature"):
+            await relayer.relay(TOPIC, other)
