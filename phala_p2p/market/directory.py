@@ -267,16 +267,9 @@ class Directory:
             advert = signed.decode()
         except ProtocolViolation as err:
             return _FROM_DECODE.get(err.reason, AdvertReason.MALFORMED)
-        # What is held or waiting was verified: the same bytes again, or an older advert,
-        # need no signature check.
-        held = self._entries.get(advert.enclave)
-        if held is not None and advert.seq <= held.seq:
-            if signed == held.signed:
-                return AdvertReason.DUPLICATE
-            return AdvertReason.STALE
-        waiting = self._pending.get(advert.enclave)
-        if waiting is not None and advert.seq <= waiting.advert.seq:
-            return AdvertReason.DUPLICATE if signed == waiting.signed else AdvertReason.STALE
+        known = self._known(advert, signed)
+        if known is not None:
+            return known
         if not signed.verify(advert):
             return AdvertReason.BAD_SIGNATURE
         if sender is not None and sender != advert.peer_id:
@@ -287,12 +280,34 @@ class Directory:
             return reason
         if reason is not None:
             return reason
+        held = self._entries.get(advert.enclave)
         if held is not None and not self._take_token(advert.enclave, now_ms):
             return AdvertReason.RATE_LIMITED
         if held is None and len(self._entries) >= self.max_entries:
             return AdvertReason.FULL
         self._entries[advert.enclave] = Advert.of(advert, signed, envelope)
         self._pending.pop(advert.enclave, None)
+        return None
+
+    def known(self, signed: SignedAdvert) -> AdvertReason | None:
+        """DUPLICATE or STALE if this advert, or a newer one of its enclave, is held or
+        waiting; None otherwise. No signature is checked: a caller can skip verifying
+        what would be refused anyway."""
+        try:
+            advert = signed.decode()
+        except ProtocolViolation:
+            return None  # offer() says why
+        return self._known(advert, signed)
+
+    def _known(self, advert: CapacityAdvert, signed: SignedAdvert) -> AdvertReason | None:
+        # What is held or waiting was verified: the same bytes again, or an older advert,
+        # need no signature check.
+        held = self._entries.get(advert.enclave)
+        if held is not None and advert.seq <= held.seq:
+            return AdvertReason.DUPLICATE if signed == held.signed else AdvertReason.STALE
+        waiting = self._pending.get(advert.enclave)
+        if waiting is not None and advert.seq <= waiting.advert.seq:
+            return AdvertReason.DUPLICATE if signed == waiting.signed else AdvertReason.STALE
         return None
 
     def _hold(self, waiting: _Pending) -> None:

@@ -36,7 +36,13 @@ import trio
 
 from phala_p2p.chain.block import Block
 from phala_p2p.chain.miners import MinerStatus, all_miners, miner_by_enclave
-from phala_p2p.errors import AttestationError, P2PError, ProtocolViolation, UsageError
+from phala_p2p.errors import (
+    AttestationError,
+    P2PError,
+    ProtocolNotSupported,
+    ProtocolViolation,
+    UsageError,
+)
 from phala_p2p.net.gossip import ACCEPT, GossipMessage, Validation
 from phala_p2p.net.host import public_key_of
 from phala_p2p.tee.executor import ExecutorLimits
@@ -57,6 +63,7 @@ MAX_KEY_RESPONSE = 4 * 1024
 MAX_KEY_GOSSIP = 1024
 ANNOUNCE_INTERVAL = 5.0
 RETRY = 1.0
+NOT_SERVING_S = 60.0  # a gatekeeper that does not serve keys (no enclave) is asked again after
 
 
 @message(310)
@@ -135,6 +142,7 @@ class KeyService:
 
     def __init__(self, node: Node, *, key_manager: bool) -> None:
         self._node = node
+        self._not_serving: dict[str, float] = {}  # gatekeeper peer -> when to ask it again
         self.key_manager = key_manager
         self.clusters: dict[int, ClusterKey] = {}  # announced by key managers
         self.workers: dict[bytes, WorkerCert] = {}  # enclave identity -> latest certificate
@@ -365,10 +373,21 @@ class KeyService:
     async def _fetch(self, what: str, epoch: int = 0) -> None:
         delay = RETRY
         while True:
+            now = trio.current_time()
             for peer in self._key_managers():
+                if self._not_serving.get(peer, 0.0) > now:
+                    continue
                 try:
                     await self.request_key(peer, what, epoch)
                     return
+                except ProtocolNotSupported as err:
+                    # a gatekeeper without an enclave keeps no keys: not every retry asks it
+                    self._not_serving[peer] = now + NOT_SERVING_S
+                    if len(self._not_serving) > 1024:
+                        self._not_serving = {
+                            p: t for p, t in self._not_serving.items() if t > now
+                        }
+                    logger.debug("key request (%s) to %s failed: %s", what, peer, err)
                 except (P2PError, ProtocolViolation) as err:
                     logger.debug("key request (%s) to %s failed: %s", what, peer, err)
             await trio.sleep(delay)  # nobody could answer yet: retry with backoff

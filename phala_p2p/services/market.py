@@ -77,7 +77,7 @@ from phala_p2p.market.negotiation import (
 from phala_p2p.net.gossip import ACCEPT, GossipMessage, Validation
 from phala_p2p.net.host import peer_id_of
 from phala_p2p.wire.codec import decode, encode, message
-from phala_p2p.wire.envelope import open_envelope
+from phala_p2p.wire.envelope import open_envelope, peek_envelope
 
 if TYPE_CHECKING:
     from phala_p2p.node import Node
@@ -363,8 +363,13 @@ class MarketService:
         """Offer an advert a peer handed us in its miner's envelope; relay it if it was new
         to us (gossip does not backfill: our mesh may have missed it too)."""
         try:
-            env = open_envelope(envelope, domain=CAPACITY_TOPIC, max_size=MAX_ADVERT_ENVELOPE)
+            env = peek_envelope(envelope, max_size=MAX_ADVERT_ENVELOPE)
             signed = decode(env.body, max_size=MAX_SIGNED_ADVERT, expect=SignedAdvert)
+            known = self.directory.known(signed)
+            if known is not None:  # most of a pull once directories agree: no signature work
+                self._count(known, "pull")
+                return False
+            open_envelope(envelope, domain=CAPACITY_TOPIC, max_size=MAX_ADVERT_ENVELOPE)
         except ProtocolViolation as err:
             self._node.metrics.count("adverts_refused", reason=f"decode_{err.reason}")
             return False

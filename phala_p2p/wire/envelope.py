@@ -134,7 +134,18 @@ def open_envelope(data: bytes, *, domain: str, max_size: int = DEFAULT_MAX_SIZE)
     Raises ProtocolViolation with reason ``too_large``, ``malformed``, ``bad_version`` or
     ``bad_signature``; freshness and replay are ``ReplayGuard``'s business.
     """
-    domain_raw = _domain_bytes(domain)
+    return _open(data, domain, max_size, verify=True)
+
+
+def peek_envelope(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Envelope:
+    """Decode ``data`` and check its structure only: the signature is NOT checked. For a
+    caller that can tell from the body that it would drop the message anyway; anything it
+    keeps must go through :func:`open_envelope` first."""
+    return _open(data, "", max_size, verify=False)
+
+
+def _open(data: bytes, domain: str, max_size: int, *, verify: bool) -> Envelope:
+    domain_raw = _domain_bytes(domain) if verify else b""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise UsageError("open_envelope takes bytes")
     if type(max_size) is not int or max_size < 1:
@@ -168,7 +179,7 @@ def open_envelope(data: bytes, *, domain: str, max_size: int = DEFAULT_MAX_SIZE)
     if wire != data:
         raise ProtocolViolation("non-canonical envelope encoding")
     signed = SIGNING_CONTEXT + b"\x00" + domain_raw + b"\x00" + header
-    if not verify_signature(signer, signed, signature):
+    if verify and not verify_signature(signer, signed, signature):
         raise ProtocolViolation(
             "envelope signature does not verify for this signer and domain",
             reason="bad_signature",

@@ -148,6 +148,11 @@ def test_stale_and_duplicate() -> None:
     held = directory.get(A.enclave.public_key)
     assert held is not None
     assert (held.seq, held.free_slots) == (6, 1)
+    # known(): the same answers, before any signature is checked
+    assert directory.known(held.signed) is AdvertReason.DUPLICATE
+    assert directory.known(five) is AdvertReason.STALE
+    assert directory.known(signed_by(A, seq=7)) is None
+    assert directory.known(signed_by(B, seq=1)) is None
 
 
 def test_chain_behind_is_held_then_promoted() -> None:

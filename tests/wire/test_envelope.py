@@ -20,6 +20,7 @@ from phala_p2p.wire.envelope import (
     ReplayGuard,
     SeqnoCounter,
     open_envelope,
+    peek_envelope,
     seal,
     signing_bytes,
 )
@@ -67,6 +68,23 @@ def test_forged_signature_is_rejected() -> None:
     fields = msgpack.unpackb(sealed())
     fields[6] = bytes([fields[6][0] ^ 0x80]) + fields[6][1:]
     assert reason_of(msgpack.packb(fields)) == "bad_signature"
+
+
+def test_peek_checks_structure_but_not_the_signature() -> None:
+    assert peek_envelope(sealed()) == open_envelope(sealed(), domain=TOPIC)
+    fields = msgpack.unpackb(sealed())
+    fields[6] = bytes(64)  # forged: peek reads it, open refuses it
+    forged = msgpack.packb(fields)
+    assert peek_envelope(forged).body == b"body"
+    assert reason_of(forged) == "bad_signature"
+    for bad, reason in [
+        (msgpack.packb(fields[:6]), "malformed"),
+        (msgpack.packb([2, *fields[1:]]), "bad_version"),
+        (sealed(body=b"x" * 100), "too_large"),
+    ]:
+        with pytest.raises(ProtocolViolation) as info:
+            peek_envelope(bad, max_size=120)
+        assert info.value.reason == reason
 
 
 @pytest.mark.parametrize(
