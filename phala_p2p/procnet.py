@@ -232,9 +232,30 @@ class ProcessDevnet:
         """Whether every directory (of ``members``) holds adverts at least as new as
         ``seqs`` (peer id -> seq)."""
         return all(
-            all(view.get(k, -1) >= v for k, v in seqs.items())
-            for view in self.directories(members)
+            all(view.get(k, -1) >= v for k, v in seqs.items()) for view in self.directories(members)
         )
+
+    async def convergence(self, seqs: dict[str, int], *, timeout: float) -> dict[str, float]:
+        """Wait until every member's directory holds ``seqs`` (peer id -> advert seq);
+        returns the seconds each took, by member name. TimeoutError names the members
+        that did not get there."""
+        members: list[Member] = [*self.processes, *self.local]
+        names = [m.name if isinstance(m, NodeProcess) else m.config.name for m in members]
+        took: dict[str, float] = {}
+        start = trio.current_time()
+
+        def done() -> bool:
+            for name, member in zip(names, members, strict=True):
+                if name not in took and self.hold(seqs, [member]):
+                    took[name] = trio.current_time() - start
+            return len(took) == len(members)
+
+        try:
+            await wait_until(done, timeout)
+        except TimeoutError as err:
+            missing = sorted(set(names) - set(took))
+            raise TimeoutError(f"directories not converged within {timeout}s: {missing}") from err
+        return took
 
     def check(self) -> None:
         """UsageError naming every process that has exited."""

@@ -94,6 +94,8 @@ PAGE_SIZE: Final = 256
 MAX_PAGES: Final = 64  # at most 16,384 adverts per pull
 MAX_PAGE_BYTES: Final = PAGE_SIZE * (MAX_ADVERT_ENVELOPE + 3) + 128
 RELAY_QUEUE: Final = 256
+CONNECT_PULL_BURST: Final = 3  # pulls on new connections: at most this many at once,
+CONNECT_PULLS_PER_S: Final = 1.0  # then this many a second
 MAX_QUERY: Final = 128
 PULL_COOLDOWN: Final = 2.0  # pull from one peer at most this often
 PULL_QUEUE: Final = 64
@@ -169,6 +171,8 @@ class MarketService:
         self._pulled = trio.Event()  # a first pull has been answered
         self._send_pull, self._pulls = trio.open_memory_channel[str](PULL_QUEUE)
         self._send_relay, self._relays = trio.open_memory_channel[bytes](RELAY_QUEUE)
+        self._connect_tokens = float(CONNECT_PULL_BURST)
+        self._connect_tokens_at = 0.0
         self._last_pull: dict[str, float] = {}
         self._locks: dict[bytes, trio.Lock] = {}
         self._attested: OrderedDict[str, tuple[VerifiedMiner, float]] = OrderedDict()
@@ -303,6 +307,23 @@ class MarketService:
         return encode(MarketPage(tuple(a.envelope for a in entries if a.envelope), cursor))
 
     def _on_connected(self, peer: str) -> None:
+        # A heal reconnects many peers at once, and one pull across the cut is enough: its
+        # adverts are relayed by gossip. Pull from the first few connections, not from
+        # every one (each pull is a stream and a page of envelopes on a peer that is busy
+        # reconnecting too); anti-entropy still asks a random peer every sync_interval.
+        now = trio.current_time()
+        self._connect_tokens = min(
+            CONNECT_PULL_BURST,
+            self._connect_tokens + (now - self._connect_tokens_at) * CONNECT_PULLS_PER_S,
+        )
+        self._connect_tokens_at = now
+        if self._connect_tokens < 1:
+            self._node.metrics.count("market_pulls_skipped", reason="connect_rate")
+            return
+        self._connect_tokens -= 1
+        self._queue_pull(peer)
+
+    def _queue_pull(self, peer: str) -> None:
         try:
             self._send_pull.send_nowait(peer)
         except trio.WouldBlock:
@@ -333,7 +354,7 @@ class MarketService:
             await trio.sleep(self.config.sync_interval)  # a period, not a wait for an event
             peers = self._node.peers()
             if peers:
-                self._on_connected(random.choice(peers))
+                self._queue_pull(random.choice(peers))
 
     async def pull(self, peer: str, *, timeout: float = 5.0) -> int:
         """Ask ``peer`` for every advert it holds; returns how many were new to us."""
