@@ -7,7 +7,13 @@ import sys
 
 import pytest
 
-SANS_IO = ["phala_p2p.wire", "phala_p2p.crypto", "phala_p2p.chain", "phala_p2p.market"]
+SANS_IO = [
+    "phala_p2p.wire",
+    "phala_p2p.crypto",
+    "phala_p2p.chain",
+    "phala_p2p.market",
+    "phala_p2p.jobs",
+]
 
 
 @pytest.mark.parametrize("room", SANS_IO)

@@ -1,0 +1,151 @@
+"""The frame decoder: any split of valid frames decodes the same, and oversize lengths, unknown
+types and garbage are refused with FrameError from the header alone, in bounded memory."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from phala_p2p.errors import ProtocolViolation, UsageError
+from phala_p2p.jobs import Frame, FrameDecoder, FrameType, decode_frame, encode_frame
+from phala_p2p.jobs.errors import FrameError
+from phala_p2p.jobs.framing import BODY_LIMITS, HEADER_SIZE
+from phala_p2p.jobs.messages import (
+    MAX_FRAME,
+    Ack,
+    Cancel,
+    Chunk,
+    ClientHello,
+    EnclaveHello,
+    Resume,
+    ResumeOk,
+)
+from phala_p2p.wire.codec import encode
+
+SAMPLES = [
+    ClientHello(agreement_id=bytes(32), session_id=bytes(16), client_pub=bytes([9]) * 32),
+    EnclaveHello(
+        agreement_id=bytes(32), session_id=bytes(16), enclave_pub=bytes(32), signature=bytes(64)
+    ),
+    Chunk(index=3, sealed=bytes(range(256)) * 4),
+    Ack(next_index=4, mac=bytes(32)),
+    Resume(session_id=bytes(16), attempt=1, next_index=0, mac=bytes(32)),
+    ResumeOk(session_id=bytes(16), attempt=1, next_index=7, mac=bytes(32)),
+    Cancel(code=4, text="why", mac=b""),
+]
+STREAM = b"".join(encode_frame(m) for m in SAMPLES)
+
+
+def header(ftype: int, length: int) -> bytes:
+    return struct.pack(">BI", ftype, length)
+
+
+def test_frames_round_trip_to_their_messages() -> None:
+    frames = FrameDecoder().feed(STREAM)
+    assert [decode_frame(f) for f in frames] == SAMPLES
+    assert [f.type for f in frames] == list(FrameType)
+
+
+def test_byte_by_byte_feeding_gives_the_same_frames() -> None:
+    decoder = FrameDecoder()
+    frames: list[Frame] = []
+    for i in range(len(STREAM)):
+        frames += decoder.feed(STREAM[i : i + 1])
+        assert decoder.buffered <= decoder.max_buffered
+    assert frames == FrameDecoder().feed(STREAM)
+    assert decoder.buffered == 0
+
+
+@settings(max_examples=100)
+@given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=20))
+def test_any_split_gives_the_same_frames(cuts: list[int]) -> None:
+    points = [0, *sorted(cuts), len(STREAM)]
+    decoder = FrameDecoder()
+    frames: list[Frame] = []
+    for a, b in itertools.pairwise(points):
+        frames += decoder.feed(memoryview(STREAM)[a:b])
+    assert [decode_frame(f) for f in frames] == SAMPLES
+
+
+def test_an_oversize_chunk_is_refused_from_its_header() -> None:
+    decoder = FrameDecoder()
+    with pytest.raises(FrameError) as info:
+        decoder.feed(header(FrameType.CHUNK, MAX_FRAME + 1))
+    assert info.value.reason == "frame_too_large"
+    assert decoder.buffered == 0
+
+
+def test_a_control_frame_has_its_own_limit() -> None:
+    with pytest.raises(FrameError) as info:
+        FrameDecoder().feed(header(FrameType.ACK, BODY_LIMITS[FrameType.ACK] + 1))
+    assert info.value.reason == "frame_too_large"
+
+
+def test_the_chunk_limit_can_be_lowered() -> None:
+    decoder = FrameDecoder(max_frame=1000)
+    assert decoder.feed(header(FrameType.CHUNK, 1000)) == []
+    with pytest.raises(FrameError):
+        FrameDecoder(max_frame=1000).feed(header(FrameType.CHUNK, 1001))
+    with pytest.raises(UsageError):
+        FrameDecoder(max_frame=MAX_FRAME + 1)
+
+
+@pytest.mark.parametrize("ftype", [0, 8, 255])
+def test_an_unknown_frame_type_is_refused(ftype: int) -> None:
+    with pytest.raises(FrameError) as info:
+        FrameDecoder().feed(header(ftype, 10))
+    assert info.value.reason == "bad_frame_type"
+
+
+def test_an_empty_body_is_refused() -> None:
+    with pytest.raises(FrameError) as info:
+        FrameDecoder().feed(header(FrameType.CANCEL, 0))
+    assert info.value.reason == "malformed"
+
+
+def test_after_an_error_the_decoder_stays_failed() -> None:
+    decoder = FrameDecoder()
+    with pytest.raises(FrameError):
+        decoder.feed(b"garbage!")
+    with pytest.raises(FrameError):
+        decoder.feed(encode_frame(SAMPLES[3]))
+
+
+def test_a_body_of_another_message_type_is_refused() -> None:
+    body = encode(SAMPLES[4])  # a Resume
+    frame = Frame(FrameType.ACK, body)
+    with pytest.raises(ProtocolViolation) as info:
+        decode_frame(frame)
+    assert info.value.reason == "unknown_kind"
+
+
+def test_a_garbage_body_is_a_protocol_violation() -> None:
+    (frame,) = FrameDecoder().feed(header(FrameType.ACK, 5) + b"\xc1\xc1\xc1\xc1\xc1")
+    with pytest.raises(ProtocolViolation):
+        decode_frame(frame)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_raise_only_protocol_violations(data: bytes) -> None:
+    decoder = FrameDecoder(max_frame=200)
+    try:
+        for frame in decoder.feed(data):
+            decode_frame(frame)
+    except ProtocolViolation:
+        pass
+    assert decoder.buffered <= decoder.max_buffered
+
+
+def test_the_buffer_never_exceeds_one_frame() -> None:
+    decoder = FrameDecoder(max_frame=4096)
+    big = Chunk(index=0, sealed=bytes(4000))
+    data = encode_frame(big) * 3
+    for i in range(0, len(data), 1000):
+        decoder.feed(data[i : i + 1000])
+        assert decoder.buffered < HEADER_SIZE + 4096
+    assert decoder.max_buffered == HEADER_SIZE + 4096 - 1
