@@ -114,6 +114,7 @@ async def test_twenty_miner_processes_filter_and_converge_within_3s_of_a_heal() 
         # the target is missed: open (on 2 shared cores, market requests time out
         # while 140 connections are re-established; about one run in two).
         assert max(took.values()) < 9.0, report
+        print(f"3 s target missed: {report}")  # shown with -s or -rP
         pytest.xfail(f"3 s target missed: {report}")
 
 
