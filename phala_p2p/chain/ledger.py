@@ -12,8 +12,10 @@ from typing import Any, NamedTuple
 
 # the core transaction kinds register themselves on import
 from phala_p2p.chain import governance as governance
+from phala_p2p.chain import liveness as liveness
 from phala_p2p.chain import miners as miners
 from phala_p2p.chain import payments as payments
+from phala_p2p.chain import settlement as settlement
 from phala_p2p.chain import staking as staking
 from phala_p2p.chain.params import ChainParams, Genesis
 from phala_p2p.chain.registry import TxContext, end_block_hooks, lookup

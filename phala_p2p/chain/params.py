@@ -21,6 +21,8 @@ from phala_p2p.errors import UsageError
 PPM = 1_000_000
 MAX_CHAIN_ID_LEN = 64
 MAX_GENESIS_ENTRIES = 10_000
+MAX_HEARTBEAT_CHALLENGES = 1_024  # bounds the liveness work of one block
+MAX_HEARTBEAT_WINDOW = 10_000
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,12 @@ class ChainParams:
     accept_tcb_mask: int = 1  # bit i accepts miners.TCB_STATUSES[i]; 1: UpToDate only
     key_epoch_blocks: int = 600  # cluster keys rotate every this many blocks
     key_retention_epochs: int = 2  # epoch keys older than this many epochs are erased
+    # miner liveness challenges (chain/liveness.py, protocols/settlement.md); 0 turns them off
+    heartbeat_challenge_ppm: int = 0  # chance that an active miner is challenged in a block
+    heartbeat_max_challenges: int = 64  # at most this many miners challenged per block
+    heartbeat_window_blocks: int = 10  # a challenge at h is answered in blocks h+1..h+window
+    heartbeat_slash_ppm: int = 10_000  # share of the operator's stake slashed per miss
+    heartbeat_max_misses: int = 3  # misses in a row that revoke a miner
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -70,12 +78,21 @@ class ChainParams:
             "max_tx_size",
             "max_block_bytes",
             "key_epoch_blocks",
+            "heartbeat_window_blocks",
+            "heartbeat_max_misses",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"ChainParams.{name} must be > 0")
-        if self.slash_fraction_ppm > PPM:
-            raise UsageError("ChainParams.slash_fraction_ppm must be <= 1_000_000")
+        for name in ("slash_fraction_ppm", "heartbeat_challenge_ppm", "heartbeat_slash_ppm"):
+            if getattr(self, name) > PPM:
+                raise UsageError(f"ChainParams.{name} must be <= 1_000_000")
+        for name, most in (
+            ("heartbeat_max_challenges", MAX_HEARTBEAT_CHALLENGES),
+            ("heartbeat_window_blocks", MAX_HEARTBEAT_WINDOW),
+        ):
+            if getattr(self, name) > most:
+                raise UsageError(f"ChainParams.{name} must be <= {most}")
         if not self.max_tx_size <= self.max_attest_tx_size <= 70_000:
             raise UsageError("ChainParams.max_attest_tx_size must be in max_tx_size..70000")
         if self.accept_tcb_mask >= 1 << 16:

@@ -63,6 +63,20 @@ class TxRejectReason(StrEnum):
     DUPLICATE = "duplicate"
     ATTESTATION_FAILED = "attestation_failed"
     NOT_REGISTERED = "not_registered"
+    # settlement, receipt evidence and liveness (chain/settlement.py, chain/liveness.py)
+    BAD_AGREEMENT = "bad_agreement"
+    BAD_RECEIPT = "bad_receipt"
+    WRONG_AGREEMENT = "wrong_agreement"
+    WRONG_ENCLAVE = "wrong_enclave"
+    FUEL_OVER_LIMIT = "fuel_over_limit"
+    ESCROW_MISMATCH = "escrow_mismatch"
+    ESCROW_EXPIRED = "escrow_expired"
+    ALREADY_SETTLED = "already_settled"
+    MINER_REVOKED = "miner_revoked"
+    EVIDENCE_USED = "evidence_used"
+    NOT_CHALLENGED = "not_challenged"
+    CHALLENGE_CLOSED = "challenge_closed"
+    ALREADY_ANSWERED = "already_answered"
 
 
 @dataclass(frozen=True)
