@@ -384,9 +384,7 @@ class KeyService:
                     # a gatekeeper without an enclave keeps no keys: not every retry asks it
                     self._not_serving[peer] = now + NOT_SERVING_S
                     if len(self._not_serving) > 1024:
-                        self._not_serving = {
-                            p: t for p, t in self._not_serving.items() if t > now
-                        }
+                        self._not_serving = {p: t for p, t in self._not_serving.items() if t > now}
                     logger.debug("key request (%s) to %s failed: %s", what, peer, err)
                 except (P2PError, ProtocolViolation) as err:
                     logger.debug("key request (%s) to %s failed: %s", what, peer, err)

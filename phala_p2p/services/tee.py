@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from phala_p2p.chain.bodies import Stake
+from phala_p2p.chain.liveness import Challenge, MinerHeartbeat, awaiting, challenge_at
 from phala_p2p.chain.miners import (
     MinerDeregister,
     MinerRegister,
@@ -98,6 +99,8 @@ class TeeService:
             try:
                 if self.config.register and self._node.has_chain:
                     await self._register_until_done()
+                    if self.registered is not None and self.registered.ok:
+                        await self._answer_heartbeats()
                 await trio.sleep_forever()
             finally:
                 self.enclave = None
@@ -166,6 +169,46 @@ class TeeService:
                     return  # a quote the chain refuses will not get better by retrying
             await trio.sleep(delay)
             delay = min(delay * 2, 30.0)
+
+    # -- liveness: the chain's heartbeat challenges (protocols/settlement.md) --------------
+
+    async def _answer_heartbeats(self) -> None:
+        """Answer every liveness challenge of our enclave, at each new block, while its
+        window is open. A missed one costs the operator stake."""
+        chain, key = self._node.chain, self._require_info().identity_pub
+        asked: set[int] = set()  # challenge heights answered or being answered
+        async with trio.open_nursery() as nursery:
+            height = chain.head.height
+            while True:
+                await chain.wait_for_height(height + 1, timeout=float("inf"))
+                height = chain.head.height
+                state = chain.view.state
+                oldest = max(1, height - chain.params.heartbeat_window_blocks)
+                for h in range(oldest, height + 1):
+                    challenge = challenge_at(state, h)
+                    if h in asked or challenge is None or not awaiting(state, h, key):
+                        continue
+                    asked.add(h)
+                    nursery.start_soon(self._heartbeat, challenge, asked)
+                asked = {h for h in asked if h >= oldest}
+
+    async def _heartbeat(self, challenge: Challenge, asked: set[int]) -> None:
+        chain = self._node.chain
+        try:
+            signature = await self._require().heartbeat(
+                chain.view.chain_id, challenge.height, challenge.seed
+            )
+            body = MinerHeartbeat(self._require_info().identity_pub, challenge.height, signature)
+            receipt = await chain.submit(body)
+        except P2PError as err:
+            logger.warning("heartbeat for block %d not sent: %s", challenge.height, err)
+            asked.discard(challenge.height)  # try again at the next block, while the window lasts
+            return
+        if receipt.ok:
+            self._node.metrics.count("heartbeats_answered")
+        else:
+            self._node.metrics.count("heartbeats_refused", reason=str(receipt.error))
+            logger.warning("heartbeat for block %d refused: %s", challenge.height, receipt.error)
 
 
 async def verify_miner(node: Node, peer_id: str, *, timeout: float = 10.0) -> VerifiedMiner:

@@ -57,7 +57,7 @@ from phala_p2p.tee.keyshare import (
 from phala_p2p.tee.messages import AttestRequest, AttestResponse, SessionOffer
 from phala_p2p.tee.quote import MAX_NONCE_LEN, SIM_PLATFORM, UsageReceipt
 from phala_p2p.tee.sealing import JOB_ID_LEN, SESSION_ID_LEN
-from phala_p2p.tee.statements import statement_bytes
+from phala_p2p.tee.statements import heartbeat_bytes, statement_bytes
 from phala_p2p.wire.codec import decode
 
 __all__ = [
@@ -162,6 +162,11 @@ class Enclave(abc.ABC):
     async def sign(self, purpose: str, payload: bytes) -> bytes:
         """The identity key's signature of ``payload`` as a statement of ``purpose`` (one of
         :data:`phala_p2p.tee.statements.PURPOSES`: adverts, counter-offers, agreements)."""
+
+    @abc.abstractmethod
+    async def heartbeat(self, chain_id: str, height: int, seed: bytes) -> bytes:
+        """The identity key's answer to the chain's liveness challenge of block ``height``
+        (:func:`phala_p2p.tee.statements.heartbeat_bytes`, built inside for its own key)."""
 
     @abc.abstractmethod
     async def benchmark(self) -> float:
@@ -469,6 +474,13 @@ class SimulatedEnclave(Enclave):
     async def sign(self, purpose: str, payload: bytes) -> bytes:
         statement_bytes(purpose, payload)  # checks the arguments here, not in the enclave
         result = await self._call("sign", {"purpose": purpose, "payload": payload})
+        return _field(get_bytes, result, "signature", min_len=64, max_len=64)
+
+    async def heartbeat(self, chain_id: str, height: int, seed: bytes) -> bytes:
+        heartbeat_bytes(chain_id, height, seed, bytes(32))  # checks the arguments here
+        result = await self._call(
+            "heartbeat", {"chain_id": chain_id, "height": height, "seed": seed}
+        )
         return _field(get_bytes, result, "signature", min_len=64, max_len=64)
 
     async def benchmark(self) -> float:

@@ -79,7 +79,7 @@ from phala_p2p.tee.sealing import (
     open_sealed,
     seal,
 )
-from phala_p2p.tee.statements import MAX_STATEMENT, statement_bytes
+from phala_p2p.tee.statements import MAX_STATEMENT, heartbeat_bytes, statement_bytes
 from phala_p2p.wire.codec import encode
 
 __all__ = ["EnclaveServer", "main"]
@@ -88,7 +88,9 @@ MAX_SESSIONS: Final = 1024
 JOB_QUEUE: Final = 8
 _READ_CHUNK: Final = 1 << 20  # the host gives the channel's pipes 1 MiB buffers
 _INIT_MAX_FRAME: Final = 64 * 1024
-_QUICK_OPS: Final = frozenset({"info", "quote", "sign", "open_session", "close_session"})
+_QUICK_OPS: Final = frozenset(
+    {"info", "quote", "sign", "heartbeat", "open_session", "close_session"}
+)
 _KEY_OPS: Final = frozenset(
     {
         "km_generate",
@@ -284,6 +286,13 @@ class EnclaveServer:
         )
         raw = sign_sim_quote(self._root, self._measurement, report_data, int(time.time()))
         return {"quote": raw}
+
+    def _op_heartbeat(self, args: dict[str, Any]) -> dict[str, Any]:
+        chain_id = get_str(args, "chain_id", max_len=64)
+        height = get_int(args, "height", lo=1, hi=(1 << 63) - 1)
+        seed = get_bytes(args, "seed", min_len=32, max_len=32)
+        message = heartbeat_bytes(chain_id, height, seed, self._identity.public_key)
+        return {"signature": self._identity.sign(message)}
 
     def _op_sign(self, args: dict[str, Any]) -> dict[str, Any]:
         purpose = get_str(args, "purpose", max_len=16)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Final
 
+import msgpack
+
 from phala_p2p.crypto.identity import verify_signature
 from phala_p2p.errors import UsageError
 
@@ -20,6 +22,21 @@ PURPOSES: Final = {
     "agreement": b"phala/market/agreement/v1\x00",
 }
 MAX_STATEMENT: Final = 8192
+# Liveness heartbeats (protocols/settlement.md): the enclave builds these bytes itself from the
+# challenge, for its own key only; the same bytes as phala_p2p.chain.liveness (a test pins it).
+HEARTBEAT_DOMAIN: Final = b"phala/chain/heartbeat/v1\x00"
+
+
+def heartbeat_bytes(chain_id: str, height: int, seed: bytes, enclave: bytes) -> bytes:
+    """What an enclave signs to answer the heartbeat challenge of block ``height``."""
+    if not isinstance(chain_id, str) or not 0 < len(chain_id) <= 64:
+        raise UsageError("a heartbeat names a chain id of 1..64 characters")
+    if type(height) is not int or not 0 < height < 1 << 63:
+        raise UsageError("a heartbeat names a block height >= 1")
+    if not isinstance(seed, bytes) or len(seed) != 32 or len(enclave) != 32:
+        raise UsageError("a heartbeat names a 32-byte seed and enclave key")
+    packed: bytes = msgpack.packb([chain_id, height, seed, enclave], use_bin_type=True)
+    return HEARTBEAT_DOMAIN + packed
 
 
 def statement_bytes(purpose: str, payload: bytes) -> bytes:

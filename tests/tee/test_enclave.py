@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from phala_p2p.crypto.identity import Identity
+from phala_p2p.chain.liveness import heartbeat_sign_bytes
+from phala_p2p.crypto.identity import Identity, verify_signature
 from phala_p2p.errors import (
     AttestationError,
     EnclaveError,
@@ -130,6 +131,18 @@ async def test_enclave_process_serves_jobs_and_keeps_secrets(job: Job) -> None:
             await enclave.sign("receipt", advert)
         with pytest.raises(UsageError, match="bytes"):
             await enclave.sign("advert", b"x" * (MAX_STATEMENT + 1))
+
+        # a liveness answer: the enclave builds the bytes itself, for its own key only
+        seed = bytes(range(32))
+        answer = await enclave.heartbeat("phala-test", 7, seed)
+        signed = heartbeat_sign_bytes("phala-test", 7, seed, info.identity_pub)
+        assert verify_signature(info.identity_pub, signed, answer)
+        other = heartbeat_sign_bytes("phala-test", 8, seed, info.identity_pub)
+        assert not verify_signature(info.identity_pub, other, answer)
+        with pytest.raises(UsageError, match="32-byte seed"):
+            await enclave.heartbeat("phala-test", 7, b"short")
+        with pytest.raises(UsageError, match="height"):
+            await enclave.heartbeat("phala-test", 0, seed)
 
         client = await _client(enclave)
         output, receipt = await client.run(job("echo"), MARKER)
