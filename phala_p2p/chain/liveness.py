@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 from phala_p2p.chain import miners
 from phala_p2p.chain.params import PPM
 from phala_p2p.chain.registry import TxContext, register_end_block, register_tx_kind
-from phala_p2p.chain.settlement import slash_stake
+from phala_p2p.chain.staking import slash_stake
 from phala_p2p.chain.tables import pack
 from phala_p2p.chain.tx import MAX_U63, Signer, TxRejectReason
 from phala_p2p.crypto.identity import verify_signature

@@ -28,7 +28,6 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 from phala_p2p.chain import miners, payments, staking
-from phala_p2p.chain.params import PPM
 from phala_p2p.chain.registry import TxContext, register_tx_kind
 from phala_p2p.chain.tables import pack
 from phala_p2p.chain.tx import TxRejectReason
@@ -479,33 +478,6 @@ def get_settlement(state: LedgerState, agreement_id: bytes) -> Settlement | None
     return None if value is None else Settlement(*value)
 
 
-def slash_stake(state: LedgerState, account: bytes, fraction_ppm: int, *, since_height: int) -> int:
-    """Take ``fraction_ppm`` of ``account``'s bonded stake, and of its unbonding entries
-    started at or after ``since_height``, into the treasury; returns the amount taken.
-
-    The same arithmetic as the double-sign slash in ``staking``; the caller decides what else
-    the offence costs (revocation through ``miners.note_slashed``, removal as a gatekeeper).
-    """
-    bonded = state.stake(account)
-    slashed = bonded * fraction_ppm // PPM
-    if slashed:
-        state.set_stake(account, bonded - slashed)
-    unbonding = state.table(staking.UNBONDING)
-    for mature, entries in list(unbonding.items()):
-        changed = []
-        for acct, amount, created in entries:
-            if acct == account and created >= since_height:
-                cut = amount * fraction_ppm // PPM
-                slashed += cut
-                amount -= cut
-            changed.append((acct, amount, created))
-        if tuple(changed) != tuple(entries):
-            unbonding.set(mature, tuple(changed))
-    if slashed:
-        state.add_treasury(slashed)
-    return slashed
-
-
 # -- handlers ----------------------------------------------------------------------------------
 
 _TX_REASON: Final = {
@@ -594,7 +566,9 @@ def _receipt_evidence(ctx: TxContext, body: SubmitReceiptEvidence) -> None:
             "the enclave is not this operator's miner", reason=TxRejectReason.NOT_REGISTERED
         )
     fraction = state.params.slash_fraction_ppm
-    slashed = slash_stake(state, body.operator, fraction, since_height=record.registered_height)
+    slashed = staking.slash_stake(
+        state, body.operator, fraction, since_height=record.registered_height
+    )
     if len(state.gatekeepers()) == 0:
         raise TxRejected(
             "the slash would leave no active gatekeeper", reason=TxRejectReason.LAST_GATEKEEPER

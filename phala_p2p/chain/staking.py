@@ -76,6 +76,33 @@ def unbonding_of(state: LedgerState, acct: bytes) -> list[tuple[int, int]]:
     return out
 
 
+def slash_stake(state: LedgerState, account: bytes, fraction_ppm: int, *, since_height: int) -> int:
+    """Take ``fraction_ppm`` of ``account``'s bonded stake, and of its unbonding entries
+    started at or after ``since_height``, into the treasury; returns the amount taken.
+
+    Every slashing rule takes stake this way; the caller decides what else the offence costs
+    (revocation through ``miners.note_slashed``, removal as a gatekeeper).
+    """
+    bonded = state.stake(account)
+    slashed = bonded * fraction_ppm // PPM
+    if slashed:
+        state.set_stake(account, bonded - slashed)
+    unbonding = state.table(UNBONDING)
+    for mature, entries in list(unbonding.items()):
+        changed = []
+        for acct, amount, created in entries:
+            if acct == account and created >= since_height:
+                cut = amount * fraction_ppm // PPM
+                slashed += cut
+                amount -= cut
+            changed.append((acct, amount, created))
+        if tuple(changed) != tuple(entries):
+            unbonding.set(mature, tuple(changed))
+    if slashed:
+        state.add_treasury(slashed)
+    return slashed
+
+
 def _slash(ctx: TxContext, body: SubmitEvidence) -> None:
     state = ctx.state
     ev = body.evidence
@@ -92,23 +119,7 @@ def _slash(ctx: TxContext, body: SubmitEvidence) -> None:
         raise TxRejected("offender is not a gatekeeper", reason=TxRejectReason.NOT_A_GATEKEEPER)
     if would_empty_set(state, offender):
         raise TxRejected("cannot remove the last gatekeeper", reason=TxRejectReason.LAST_GATEKEEPER)
-    fraction = params.slash_fraction_ppm
-    bonded = state.stake(offender)
-    slashed = bonded * fraction // PPM
-    state.set_stake(offender, bonded - slashed)
-    # stake that started unbonding at or after the offence is slashed too
-    unbonding = state.table(UNBONDING)
-    for mature, entries in list(unbonding.items()):
-        changed = []
-        for acct, amount, created in entries:
-            if acct == offender and created >= ev.height:
-                cut = amount * fraction // PPM
-                slashed += cut
-                amount -= cut
-            changed.append((acct, amount, created))
-        if tuple(changed) != entries:
-            unbonding.set(mature, tuple(changed))
-    state.add_treasury(slashed)
+    slashed = slash_stake(state, offender, params.slash_fraction_ppm, since_height=ev.height)
     state.registered.delete(offender)
     seen.set(ev.key, slashed)
     miners.note_slashed(state, offender, ctx.height)
