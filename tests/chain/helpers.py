@@ -81,3 +81,17 @@ def extend(
     commit = commit_for(view, block.hash, block.height, signers)
     view.apply(block, commit)
     return block, commit
+
+
+def try_txs(view: ChainView, txs: Sequence[Tx]) -> list[str | None]:
+    """Each transaction's rejection reason (None: applied) in a block after ``view``'s head,
+    applied in order and then rolled back: a block's worth of checks without the block."""
+    state = view.state
+    reasons: list[str | None] = []
+    token = state.checkpoint()
+    state.block_time_ms = view.head_time_ms + 1000
+    for tx in txs:
+        result = state.apply_tx(tx, view.next_height)
+        reasons.append(None if result.ok else result.reason)
+    state.rollback(token)
+    return reasons

@@ -29,7 +29,7 @@ from phala_p2p.chain.view import ChainView
 from phala_p2p.crypto.identity import Identity
 from phala_p2p.tee.quote import make_report_data, sign_sim_quote
 
-from .helpers import CHAIN_ID, FAST, extend, genesis, identities
+from .helpers import CHAIN_ID, FAST, extend, genesis, identities, try_txs
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "attestation-samples"
 KEEPERS = identities(4, seed=71)
@@ -68,14 +68,7 @@ class Chain:
 
     def block(self, *txs: Tx) -> list[str | None]:
         """Apply a block with ``txs``; returns each one's rejection reason (None: applied)."""
-        state = self.view.state
-        reasons: list[str | None] = []
-        token = state.checkpoint()
-        state.block_time_ms = self.view.head_time_ms + 1000
-        for tx in txs:
-            result = state.apply_tx(tx, self.view.next_height)
-            reasons.append(None if result.ok else result.reason)
-        state.rollback(token)
+        reasons = try_txs(self.view, txs)
         included = [tx for tx, r in zip(txs, reasons, strict=True) if r is None]
         for tx, r in zip(txs, reasons, strict=True):
             if r is not None:  # a refused transaction does not use its nonce

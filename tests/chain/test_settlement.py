@@ -64,7 +64,7 @@ from phala_p2p.tee.quote import make_report_data, sign_sim_quote
 from phala_p2p.tee.statements import PURPOSES, statement_bytes, verify_statement
 from phala_p2p.wire.codec import decode, encode
 
-from .helpers import CHAIN_ID, FAST, extend, genesis, identities
+from .helpers import CHAIN_ID, FAST, extend, genesis, identities, try_txs
 
 # -- a chain with miners (shared with test_liveness.py) --------------------------------------
 
@@ -126,14 +126,7 @@ class Net:
 
     def block(self, *txs: Tx) -> list[str | None]:
         """Apply a block with ``txs``; returns each one's rejection reason (None: applied)."""
-        state = self.state
-        reasons: list[str | None] = []
-        token = state.checkpoint()
-        state.block_time_ms = self.view.head_time_ms + 1000
-        for tx in txs:
-            result = state.apply_tx(tx, self.view.next_height)
-            reasons.append(None if result.ok else result.reason)
-        state.rollback(token)
+        reasons = try_txs(self.view, txs)
         included = [tx for tx, r in zip(txs, reasons, strict=True) if r is None]
         self.nonces = {}  # refused transactions did not use their nonce
         self.blocks.append(extend(self.view, self.keepers, included))
