@@ -101,6 +101,35 @@ class TeeConfig:
 
 
 @dataclass(frozen=True)
+class JobsConfig:
+    """Confidential job sessions (``protocols/job.md``).
+
+    Clients: ``grace`` (seconds a dropped session may be resumed; the enclave keeps it that
+    long too), ``window`` and ``chunk_size`` of the streams, ``settle_timeout`` (seconds to
+    wait for the settlement to be final before ``run_job`` returns with it pending).
+    Miners: ``settle_after`` (seconds after a job ends before the operator settles it with
+    the enclave's last receipt, if the client has not settled it by then)."""
+
+    grace: float = 30.0
+    window: int = 8
+    chunk_size: int = 256 * 1024
+    settle_timeout: float = 30.0
+    settle_after: float = 20.0
+
+    def __post_init__(self) -> None:
+        for name in ("grace", "settle_timeout", "settle_after"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise UsageError(f"[jobs] {name} must be a positive number of seconds")
+        if self.grace > 86_400:
+            raise UsageError("[jobs] grace must be at most one day")
+        if not isinstance(self.window, int) or not 1 <= self.window <= 1024:
+            raise UsageError("[jobs] window must be in 1..1024")
+        if not isinstance(self.chunk_size, int) or not 1024 <= self.chunk_size <= 1_048_512:
+            raise UsageError("[jobs] chunk_size must be in 1024..1048512")
+
+
+@dataclass(frozen=True)
 class MarketConfig:
     """Capacity adverts, the miner directory and negotiation (``protocols/market.md``).
 
@@ -176,6 +205,7 @@ class NodeConfig:
     chain: ChainConfig = field(default_factory=ChainConfig)
     tee: TeeConfig = field(default_factory=TeeConfig)
     market: MarketConfig = field(default_factory=MarketConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.role, Role):
@@ -212,8 +242,8 @@ class NodeConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> NodeConfig:
         """Read a config file: top-level keys of ``[node]``, plus optional ``[gossip]``,
-        ``[limits]``, ``[health]``, ``[discovery]``, ``[chain]``, ``[tee]`` and ``[market]``
-        tables. Relative paths are relative to the file. Unknown keys are errors."""
+        ``[limits]``, ``[health]``, ``[discovery]``, ``[chain]``, ``[tee]``, ``[market]`` and
+        ``[jobs]`` tables. Relative paths are relative to the file. Unknown keys are errors."""
         p = Path(path)
         try:
             raw = tomllib.loads(p.read_text())
@@ -235,6 +265,7 @@ class NodeConfig:
             "chain": ChainConfig,
             "tee": TeeConfig,
             "market": MarketConfig,
+            "jobs": JobsConfig,
         }
         kwargs: dict[str, Any] = {}
         for name, klass in sections.items():
@@ -266,7 +297,7 @@ class NodeConfig:
         Path(path).write_text(self.to_toml())
 
 
-_SECTIONS = ("gossip", "limits", "health", "discovery", "chain", "tee", "market")
+_SECTIONS = ("gossip", "limits", "health", "discovery", "chain", "tee", "market", "jobs")
 
 
 def _toml_lines(obj: Any, names: Any) -> list[str]:

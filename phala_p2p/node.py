@@ -35,6 +35,7 @@ from phala_p2p.net.logs import tame_libp2p_loggers
 from phala_p2p.net.metrics import Metrics, serve_prometheus
 from phala_p2p.net.reqresp import Handler, ProtocolLimits, RequestResponse, StreamHandler
 from phala_p2p.services.chain import STORE_FILE, ChainService, Wallet
+from phala_p2p.services.jobs import JobResult, JobService
 from phala_p2p.services.keys import KeyService
 from phala_p2p.services.market import MarketService
 from phala_p2p.services.tee import TeeService, VerifiedMiner, verify_miner
@@ -105,6 +106,7 @@ class Node:
             logger.warning("miner without an enclave: set [tee] dev_root_key")
         self.keys: KeyService | None = None
         self._market: MarketService | None = None
+        self.jobs = JobService(self, config.jobs)
         if config.genesis is not None:
             self._chain = _open_chain(self, config)
             self.keys = KeyService(
@@ -149,6 +151,16 @@ class Node:
     async def negotiate(self, miner: Advert | str, **terms: Any) -> Agreement:
         """Reach a co-signed agreement with ``miner`` (see :meth:`MarketService.negotiate`)."""
         return await self.market.negotiate(miner, **terms)
+
+    async def run_job(self, module: bytes, input: bytes, **options: Any) -> JobResult:
+        """Run a confidential job end to end (see :meth:`JobService.run_job`)."""
+        self.market  # noqa: B018 (a UsageError without a chain)
+        return await self.jobs.run_job(module, input, **options)
+
+    async def run_job_stream(self, module: bytes, input: Any, **options: Any) -> JobResult:
+        """Run a job with streamed input and output (see :meth:`JobService.run_job_stream`)."""
+        self.market  # noqa: B018 (a UsageError without a chain)
+        return await self.jobs.run_job_stream(module, input, **options)
 
     async def verify_miner(self, peer_id: str, *, timeout: float = 10.0) -> VerifiedMiner:
         """Attest ``peer_id``'s enclave ourselves (fresh quote over our nonce) and check it
@@ -327,6 +339,7 @@ class Node:
                 await nursery.start(self.keys.run)
             if self._market is not None:
                 await nursery.start(self._market.run)
+            await nursery.start(self.jobs.run)
             nursery.start_soon(self.health.run)
             nursery.start_soon(self.discovery.run)
             if self.config.metrics_port is not None:

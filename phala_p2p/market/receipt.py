@@ -121,6 +121,28 @@ class CoSignedReceipt:
     client: bytes = field(metadata={"max_len": 32})
     client_sig: bytes = field(metadata={"max_len": 64})
 
+    # the final receipt's figures, at hand
+    @property
+    def fuel_used(self) -> int:
+        return self.receipt.fuel_used
+
+    @property
+    def bytes_in(self) -> int:
+        return self.receipt.bytes_in
+
+    @property
+    def bytes_out(self) -> int:
+        return self.receipt.bytes_out
+
+    @property
+    def output_hash(self) -> bytes:
+        return self.receipt.output_hash
+
+    @property
+    def enclave_sig(self) -> bytes:
+        """The enclave's signature of the receipt (``client_sig`` is the client's)."""
+        return self.receipt.signature
+
     def validate(self) -> None:
         if len(self.client) != 32 or len(self.client_sig) != 64:
             raise ProtocolViolation("client is 32 bytes and client_sig 64")

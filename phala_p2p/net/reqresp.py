@@ -29,7 +29,7 @@ from phala_p2p.errors import (
 )
 from phala_p2p.net.metrics import Metrics
 from phala_p2p.net.negotiate import open_stream
-from phala_p2p.net.streams import FramedStream
+from phala_p2p.net.streams import FramedStream, RawStream
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ HANDLER_BUGS = (
 
 Handler = Callable[[str, bytes], Awaitable[bytes]]
 StreamHandler = Callable[[FramedStream], Awaitable[None]]
+RawHandler = Callable[[RawStream], Awaitable[None]]
 
 # Error codes carried in ERROR frames (protocols/framing.md).
 ERR_INTERNAL = 500
@@ -137,10 +138,35 @@ class RequestResponse:
 
         The stream's receive cap is the protocol's ``max_request``.
         """
+
+        def framed(stream: Any, peer_id: str) -> FramedStream:
+            return FramedStream(
+                stream, peer_id=peer_id, protocol=protocol, max_message=lim.max_request
+            )
+
+        lim = limits or ProtocolLimits()
+        self._serve(protocol, handler, lim, framed)
+
+    def serve_raw(
+        self, protocol: str, handler: RawHandler, limits: ProtocolLimits | None = None
+    ) -> None:
+        """Hand each inbound ``protocol`` stream's bytes to ``await handler(stream)``."""
+
+        def raw(stream: Any, peer_id: str) -> RawStream:
+            return RawStream(stream, peer_id=peer_id, protocol=protocol)
+
+        self._serve(protocol, handler, limits or ProtocolLimits(), raw)
+
+    def _serve(
+        self,
+        protocol: str,
+        handler: Callable[[Any], Awaitable[None]],
+        lim: ProtocolLimits,
+        wrap: Callable[[Any, str], FramedStream | RawStream],
+    ) -> None:
         _check_protocol(protocol)
         if protocol in self._limits:
             raise UsageError(f"{protocol} is already served")
-        lim = limits or ProtocolLimits()
         self._limits[protocol] = lim
 
         async def raw_handler(stream: Any) -> None:
@@ -151,12 +177,7 @@ class RequestResponse:
                 await _reset(stream)
                 return
             self._open[key] += 1
-            fs = FramedStream(
-                stream,
-                peer_id=peer_id,
-                protocol=protocol,
-                max_message=lim.max_request,
-            )
+            fs = wrap(stream, peer_id)
             try:
                 await handler(fs)
             except ProtocolViolation as err:
@@ -178,6 +199,23 @@ class RequestResponse:
             self._host.remove_stream_handler(TProtocol(protocol))
 
     # -- requesting ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def open_raw(self, peer_id: str, protocol: str) -> AsyncIterator[RawStream]:
+        """A raw stream to ``peer_id``; closed (or reset on error) when the block ends."""
+        _check_protocol(protocol)
+        stream = await open_stream(self._host, peer_id, protocol, timeout=self._negotiation_timeout)
+        rs = RawStream(stream, peer_id=peer_id, protocol=protocol)
+        ok = False
+        try:
+            yield rs
+            ok = True
+        finally:
+            self._metrics.add_bytes(rs.bytes_sent, rs.bytes_received)
+            if ok:
+                await rs.close()
+            else:
+                await rs.reset()
 
     async def request(
         self,

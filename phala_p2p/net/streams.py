@@ -177,4 +177,49 @@ class FramedStream:
                 pass
 
 
-__all__ = ["Cancelled", "FramedStream", "RemoteError"]
+class RawStream:
+    """The bytes of a libp2p stream, for protocols that frame their own messages
+    (``/phala/job/1.0.0``). ``read`` returns b"" at the end of the stream, which may be a clean
+    close or an abrupt loss (py-libp2p reports both alike): such a protocol must carry its own
+    end marker. Errors of the transport are ConnectionLost."""
+
+    def __init__(self, stream: Any, *, peer_id: str, protocol: str) -> None:
+        self.peer_id = peer_id
+        self.protocol = protocol
+        self._stream = stream
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    async def read(self, max_bytes: int = READ_SIZE) -> bytes:
+        try:
+            data: bytes = await self._stream.read(max_bytes)
+        except BaseLibp2pError as err:
+            raise ConnectionLost(f"stream from {self.peer_id} broke: {err}") from err
+        self.bytes_received += len(data)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            await self._stream.write(data)
+        except BaseLibp2pError as err:
+            raise ConnectionLost(f"stream to {self.peer_id} broke while sending") from err
+        self.bytes_sent += len(data)
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self._stream.close()
+            except BaseLibp2pError:
+                pass
+
+    async def reset(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self._stream.reset()
+            except BaseLibp2pError:
+                pass
+
+
+__all__ = ["Cancelled", "FramedStream", "RawStream", "RemoteError"]

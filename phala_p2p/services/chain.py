@@ -59,6 +59,7 @@ from phala_p2p.chain.governance import ProposalRecord
 from phala_p2p.chain.mempool import Mempool, MempoolConfig
 from phala_p2p.chain.params import ChainParams, Genesis
 from phala_p2p.chain.payments import Escrow
+from phala_p2p.chain.settlement import Settlement, get_settlement
 from phala_p2p.chain.store import BlockStore
 from phala_p2p.chain.sync import (
     MAX_SYNC_REQUEST_BYTES,
@@ -167,6 +168,10 @@ class ChainState:
 
     def escrow(self, escrow_id: bytes) -> Escrow | None:
         return self._view.state.escrow(escrow_id)
+
+    def settlement(self, agreement_id: bytes) -> Settlement | None:
+        """How a job's agreement was settled (paid, refunded, fuel used), or None."""
+        return get_settlement(self._view.state, agreement_id)
 
     def allowed_measurements(self) -> list[bytes]:
         return self._view.state.allowed_measurements()

@@ -66,6 +66,7 @@ __all__ = [
     "EnclaveConfig",
     "EnclaveEvidence",
     "EnclaveInfo",
+    "JobStep",
     "KeyStatus",
     "SealedResult",
     "SessionOffer",
@@ -147,6 +148,22 @@ class SealedResult:
     receipt: UsageReceipt
 
 
+@dataclass(frozen=True)
+class JobStep:
+    """What the enclave made of a job connection's bytes: ``out`` to write back, the usage
+    receipts it signed (encoded ``JobReceipt``s: public), ``closed`` when the connection must
+    be closed after ``out``, ``done`` when the job's session completed."""
+
+    out: bytes
+    receipts: list[bytes]
+    closed: bool
+    done: bool
+    session_id: bytes
+    generation: int
+    agreement_id: bytes
+    error: str
+
+
 class Enclave(abc.ABC):
     """What a node can ask of its enclave. Every method may raise EnclaveError."""
 
@@ -196,6 +213,25 @@ class Enclave(abc.ABC):
     @abc.abstractmethod
     async def close_session(self, session_id: bytes) -> None:
         """Forget a session's keys."""
+
+    # -- job sessions (protocols/job.md; the session and the job run inside) -------------------
+
+    @abc.abstractmethod
+    async def job_open(self, data: bytes, agreement: bytes) -> JobStep:
+        """A job connection's first bytes (a whole ClientHello or Resume frame, maybe more)
+        and, for a hello, the encoded agreement it names (b"" for a resume)."""
+
+    @abc.abstractmethod
+    async def job_data(self, session_id: bytes, generation: int, data: bytes) -> JobStep:
+        """More bytes of the connection that ``job_open`` returned ``session_id`` for."""
+
+    @abc.abstractmethod
+    async def job_lost(self, session_id: bytes, generation: int) -> None:
+        """That connection dropped: the session waits for a resume (its grace period)."""
+
+    @abc.abstractmethod
+    async def job_cancel(self, session_id: bytes, code: int, text: str) -> bytes:
+        """End a session from the host's side; the Cancel frame to write (b"" if none)."""
 
     # -- key management (protocols/attest.md, "Key management") -------------------------------
 
@@ -545,6 +581,25 @@ class SimulatedEnclave(Enclave):
             raise UsageError(f"session_id must be {SESSION_ID_LEN} bytes")
         await self._call("close_session", {"session_id": session_id})
 
+    # -- job sessions ------------------------------------------------------------------------
+
+    async def job_open(self, data: bytes, agreement: bytes) -> JobStep:
+        if not isinstance(data, bytes) or not isinstance(agreement, bytes):
+            raise UsageError("data and agreement are bytes")
+        return _job_step(await self._call("job_open", {"data": data, "agreement": agreement}))
+
+    async def job_data(self, session_id: bytes, generation: int, data: bytes) -> JobStep:
+        args = {"session": session_id, "generation": generation, "data": data}
+        return _job_step(await self._call("job_data", args))
+
+    async def job_lost(self, session_id: bytes, generation: int) -> None:
+        await self._call("job_lost", {"session": session_id, "generation": generation})
+
+    async def job_cancel(self, session_id: bytes, code: int, text: str) -> bytes:
+        args = {"session": session_id, "code": code, "text": text[:200]}
+        result = await self._call("job_cancel", args)
+        return _field(get_bytes, result, "out", max_len=1 << 16)
+
     # -- key management ----------------------------------------------------------------------
 
     async def km_generate(self, epoch: int = 0) -> ClusterKey:
@@ -581,6 +636,30 @@ class SimulatedEnclave(Enclave):
         result = await self._call(op, args)
         size = BOX_OVERHEAD + plaintext_len
         return _field(get_bytes, result, "sealed", min_len=size, max_len=size)
+
+
+def _job_step(result: dict[str, Any]) -> JobStep:
+    receipts = result.get("receipts")
+    if not isinstance(receipts, list) or not all(
+        isinstance(r, bytes) and len(r) <= 1024 for r in receipts
+    ):
+        raise EnclaveError("enclave returned malformed receipts")
+    closed, done = result.get("closed"), result.get("done")
+    if not isinstance(closed, bool) or not isinstance(done, bool):
+        raise EnclaveError("enclave returned a malformed job step")
+    try:
+        return JobStep(
+            out=get_bytes(result, "out", max_len=64 << 20),
+            receipts=list(receipts),
+            closed=closed,
+            done=done,
+            session_id=get_bytes(result, "session", max_len=16),
+            generation=get_int(result, "generation", lo=0, hi=1 << 32),
+            agreement_id=get_bytes(result, "agreement_id", max_len=32),
+            error=get_str(result, "error", max_len=500),
+        )
+    except ProtocolViolation as err:
+        raise EnclaveError(f"enclave returned a malformed job step: {err}") from err
 
 
 def _check_epoch(epoch: int) -> int:

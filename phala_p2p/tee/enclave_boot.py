@@ -24,6 +24,9 @@ def _install_minimal_packages() -> None:
         ("phala_p2p.tee", package_dir / "tee"),
         ("phala_p2p.crypto", package_dir / "crypto"),
         ("phala_p2p.wire", package_dir / "wire"),
+        ("phala_p2p.jobs", package_dir / "jobs"),
+        ("phala_p2p.market", package_dir / "market"),
+        ("phala_p2p.chain", package_dir / "chain"),
     ):
         if name not in sys.modules:
             module = types.ModuleType(name)

@@ -37,6 +37,8 @@ import nacl.public
 
 from phala_p2p.crypto.identity import Identity
 from phala_p2p.errors import EnclaveError, P2PError, ProtocolViolation, UsageError
+from phala_p2p.jobs.runner import EnclaveJobs, Step
+from phala_p2p.market.negotiation import Agreement
 from phala_p2p.tee.channel import (
     FrameDecoder,
     error_to_wire,
@@ -80,12 +82,13 @@ from phala_p2p.tee.sealing import (
     seal,
 )
 from phala_p2p.tee.statements import MAX_STATEMENT, heartbeat_bytes, statement_bytes
-from phala_p2p.wire.codec import encode
+from phala_p2p.wire.codec import decode, encode
 
 __all__ = ["EnclaveServer", "main"]
 
 MAX_SESSIONS: Final = 1024
-JOB_QUEUE: Final = 8
+JOB_QUEUE: Final = 64
+MAX_AGREEMENT: Final = 4096
 _READ_CHUNK: Final = 1 << 20  # the host gives the channel's pipes 1 MiB buffers
 _INIT_MAX_FRAME: Final = 64 * 1024
 _QUICK_OPS: Final = frozenset(
@@ -103,7 +106,8 @@ _KEY_OPS: Final = frozenset(
         "key_status",
     }
 )
-_WORKER_OPS: Final = frozenset({"run_sealed", "benchmark"}) | _KEY_OPS
+_JOB_SESSION_OPS: Final = frozenset({"job_open", "job_data", "job_lost", "job_cancel"})
+_WORKER_OPS: Final = frozenset({"run_sealed", "benchmark"}) | _KEY_OPS | _JOB_SESSION_OPS
 ROLE_KEY_MANAGER: Final = "key-manager"
 ROLE_WORKER: Final = "worker"
 _MAX_PEER_QUOTE: Final = 8192
@@ -131,7 +135,7 @@ class EnclaveServer:
         self._write_lock = threading.Lock()
         self._sessions: OrderedDict[bytes, EnclaveSession] = OrderedDict()
         self._sessions_lock = threading.Lock()
-        self._jobs: queue.Queue[tuple[int, str, dict[str, Any]] | None] = queue.Queue(JOB_QUEUE)
+        self._queue: queue.Queue[tuple[int, str, dict[str, Any]] | None] = queue.Queue(JOB_QUEUE)
         self._max_frame = _INIT_MAX_FRAME
         self._identity = Identity.generate()
         self._x25519 = nacl.public.PrivateKey.generate()
@@ -144,6 +148,7 @@ class EnclaveServer:
         self._role = ""
         self._master: MasterKey | None = None
         self._ring = EpochKeyRing()
+        self._jobs: EnclaveJobs | None = None  # job sessions: worker thread only
 
     # -- io ----------------------------------------------------------------------------------
 
@@ -187,7 +192,7 @@ class EnclaveServer:
                         started = True
                     elif op in _WORKER_OPS:
                         try:
-                            self._jobs.put_nowait((rid, op, args))
+                            self._queue.put_nowait((rid, op, args))
                         except queue.Full:
                             self._reply_err(rid, EnclaveError("enclave is busy: job queue full"))
                     else:
@@ -207,13 +212,13 @@ class EnclaveServer:
         finally:
             if started:
                 try:
-                    self._jobs.put_nowait(None)
+                    self._queue.put_nowait(None)
                 except queue.Full:
                     pass  # the process exits right after; the worker is a daemon
 
     def _worker(self) -> None:
         while True:
-            item = self._jobs.get()
+            item = self._queue.get()
             if item is None:
                 return
             rid, op, args = item
@@ -372,6 +377,41 @@ class EnclaveServer:
         )
         return {"sealed_output": sealed_output, "receipt": encode(receipt)}
 
+    # -- job sessions (phala_p2p.jobs.runner; worker thread only) -----------------------------
+
+    def _job_sessions(self) -> EnclaveJobs:
+        self._check_role(ROLE_WORKER)
+        if self._jobs is None:
+            assert self._executor is not None
+            self._jobs = EnclaveJobs(self._identity, self._executor)
+        self._role = ROLE_WORKER
+        return self._jobs
+
+    def _op_job_open(self, args: dict[str, Any]) -> dict[str, Any]:
+        data = get_bytes(args, "data", min_len=1, max_len=_MAX_JOB_DATA)
+        raw = get_bytes(args, "agreement", max_len=MAX_AGREEMENT)
+        agreement = decode(raw, max_size=MAX_AGREEMENT, expect=Agreement) if raw else None
+        return _step_wire(self._job_sessions().open(data, agreement, _now_ms()))
+
+    def _op_job_data(self, args: dict[str, Any]) -> dict[str, Any]:
+        session_id = get_bytes(args, "session", min_len=16, max_len=16)
+        generation = get_int(args, "generation", lo=0, hi=(1 << 32))
+        data = get_bytes(args, "data", max_len=_MAX_JOB_DATA)
+        step = self._job_sessions().data(session_id, generation, data, _now_ms())
+        return _step_wire(step)
+
+    def _op_job_lost(self, args: dict[str, Any]) -> dict[str, Any]:
+        session_id = get_bytes(args, "session", min_len=16, max_len=16)
+        generation = get_int(args, "generation", lo=0, hi=(1 << 32))
+        self._job_sessions().lost(session_id, generation, _now_ms())
+        return {}
+
+    def _op_job_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        session_id = get_bytes(args, "session", min_len=16, max_len=16)
+        code = get_int(args, "code", lo=0, hi=0xFFFF)
+        text = get_str(args, "text", max_len=200)
+        return {"out": self._job_sessions().cancel(session_id, code, text)}
+
     # -- key management (phala_p2p.tee.keys; worker thread only) -------------------------------
 
     def _check_role(self, role: str) -> None:
@@ -480,6 +520,26 @@ class EnclaveServer:
 
     def _op_key_status(self, args: dict[str, Any]) -> dict[str, Any]:
         return self._key_status()
+
+
+_MAX_JOB_DATA: Final = 4 << 20
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _step_wire(step: Step) -> dict[str, Any]:
+    return {
+        "out": step.out,
+        "receipts": [encode(r) for r in step.receipts],
+        "closed": step.closed,
+        "done": step.done,
+        "session": step.session_id,
+        "generation": step.generation,
+        "agreement_id": step.agreement_id,
+        "error": step.error[:500],
+    }
 
 
 def _cluster_wire(key: ClusterKey) -> dict[str, Any]:

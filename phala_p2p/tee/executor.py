@@ -1,13 +1,18 @@
-"""WebAssembly executor for jobs (job ABI v2, see ``protocols/job-abi.md``).
+"""WebAssembly executor for jobs (job ABI v3, see ``protocols/job-abi.md``).
 
 Runs inside the enclave. Every job gets a fresh store with its own fuel, a memory cap and a
-wall-clock cap; the compiled module is cached by its SHA-256. The ABI grants exactly two host
+wall-clock cap; the compiled module is cached by its SHA-256. A job runs either on its whole
+input at once (:meth:`WasmExecutor.run`, the ``run`` export) or, if it is a streaming job
+(exports ``feed`` and ``finish``), on its input piece by piece as it arrives
+(:meth:`WasmExecutor.open_stream`, :class:`StreamingRun`), with one store for the whole stream
+and memory bounded by the job's own buffer, whatever the total size. The ABI grants exactly two host
 functions, ``phala.secret_len`` and ``phala.secret_read``, which let a job read the secrets it
 was given (:data:`GRANTED_IMPORTS`); a module importing anything else is refused. Every
 failure becomes a typed error under :class:`phala_p2p.errors.ExecutionError`, and the executor
 stays usable after it.
 
-This module is synchronous; drivers call :meth:`WasmExecutor.run` from a worker thread.
+This module is synchronous; drivers call :meth:`WasmExecutor.run` and the methods of a
+:class:`StreamingRun` from a worker thread.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import version as _dist_version
+from types import TracebackType
 from typing import Any, Final
 
 import wasmtime
@@ -44,10 +51,11 @@ __all__ = [
     "WASMTIME_VERSION",
     "ExecResult",
     "ExecutorLimits",
+    "StreamingRun",
     "WasmExecutor",
 ]
 
-ABI_VERSION: Final = 2
+ABI_VERSION: Final = 3
 # Secrets handed to one job (phala.secret_len / phala.secret_read): how many, how large.
 MAX_JOB_SECRETS: Final = 8
 MAX_JOB_SECRET_LEN: Final = 4096
@@ -74,9 +82,11 @@ ENGINE_SETTINGS: Final[dict[str, bool]] = {
 }
 
 _MAX_U32: Final = 0xFFFF_FFFF
+_MAX_U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 _I32: Final = wasmtime.ValType.i32()
+_I64: Final = wasmtime.ValType.i64()
 
-# The host functions that job ABI v2 grants, by (module, name), with their types.
+# The host functions that the job ABI grants (since v2), by (module, name), with their types.
 GRANTED_IMPORTS: Final[dict[tuple[str, str], wasmtime.FuncType]] = {
     ("phala", "secret_len"): wasmtime.FuncType([_I32], [_I32]),
     ("phala", "secret_read"): wasmtime.FuncType([_I32, _I32], [_I32]),
@@ -151,6 +161,8 @@ class ExecResult:
 @dataclass(frozen=True)
 class _Compiled:
     module: wasmtime.Module
+    runs: bool  # exports ``run``: runs on its whole input (WasmExecutor.run)
+    streams: bool  # exports ``feed`` and ``finish``: a streaming job (WasmExecutor.open_stream)
 
 
 def _make_engine(limits: ExecutorLimits) -> wasmtime.Engine:
@@ -176,8 +188,296 @@ def _first_line(err: BaseException) -> str:
     return f"{head}: {inner}"[:300] if inner else head[:300]
 
 
+@dataclass(frozen=True)
+class _Live:
+    """One job's store and the instance's exports (those the ABI names)."""
+
+    store: wasmtime.Store
+    memory: wasmtime.Memory
+    alloc: wasmtime.Func
+    run: wasmtime.Func | None
+    feed: wasmtime.Func | None
+    finish: wasmtime.Func | None
+
+
+@contextmanager
+def _wall_clock(engine: wasmtime.Engine, seconds: float) -> Iterator[None]:
+    """Bump the engine's epoch once ``seconds`` have passed, unless the block ends first.
+
+    The store that runs in the block has its epoch deadline set to 1 just before, so it traps
+    at its next epoch check after the tick. Calls run one at a time (the executor's lock, held
+    by the caller) and the timer is cancelled and joined before the block ends, so a late tick
+    can never hit another call.
+    """
+    watchdog = threading.Timer(seconds, engine.increment_epoch)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield
+    finally:
+        watchdog.cancel()
+        watchdog.join()
+
+
+@contextmanager
+def _job_errors(
+    store: wasmtime.Store, memory: wasmtime.Memory, limits: ExecutorLimits
+) -> Iterator[None]:
+    """Turn wasmtime's errors from a call into the job into typed execution errors."""
+    try:
+        yield
+    except wasmtime.Trap as err:
+        raise _classify_trap(err, memory, store, limits) from err
+    except wasmtime.WasmtimeError as err:
+        raise Trap(f"job failed: {_first_line(err)}") from err
+
+
+def _instantiate(
+    engine: wasmtime.Engine,
+    limits: ExecutorLimits,
+    module: wasmtime.Module,
+    fuel: int,
+    secrets: tuple[bytes, ...],
+) -> _Live:
+    """A fresh store with the job's caps and fuel, and the module instantiated in it.
+
+    The caller holds the executor's lock and runs this under :func:`_wall_clock` (a start
+    function runs here, on the job's fuel).
+    """
+    store = wasmtime.Store(engine)
+    store.set_limits(
+        memory_size=limits.memory_cap_bytes,
+        table_elements=_MAX_TABLE_ELEMENTS,
+        instances=1,
+        tables=4,
+        memories=1,
+    )
+    store.set_fuel(fuel)
+    store.set_epoch_deadline(1)
+    try:
+        imports = _host_imports(store, module, secrets)
+        instance = wasmtime.Instance(store, module, imports)
+    except wasmtime.Trap as err:
+        raise _classify_trap(err, None, store, limits) from err
+    except wasmtime.WasmtimeError as err:
+        msg = str(err)
+        if "memory" in msg and "limit" in msg:
+            raise MemoryExhausted(
+                f"module's initial memory exceeds the cap of {limits.memory_cap_bytes} "
+                f"bytes: {_first_line(err)}"
+            ) from err
+        raise InvalidModule(f"module does not instantiate: {_first_line(err)}") from err
+    exports = instance.exports(store)
+
+    def func(name: str) -> wasmtime.Func | None:
+        item = exports.get(name)
+        return item if isinstance(item, wasmtime.Func) else None
+
+    memory = exports.get("memory")
+    alloc = func("alloc")
+    # both checked by _check_abi when the module was compiled
+    assert isinstance(memory, wasmtime.Memory)
+    assert alloc is not None
+    return _Live(
+        store=store,
+        memory=memory,
+        alloc=alloc,
+        run=func("run"),
+        feed=func("feed"),
+        finish=func("finish"),
+    )
+
+
+def _alloc_and_copy(live: _Live, data: bytes | bytearray) -> int:
+    """Call ``alloc(len(data))``, check the pointer it returns and copy ``data`` there."""
+    ptr = int(live.alloc(live.store, len(data))) & _MAX_U32
+    size = live.memory.data_len(live.store)
+    if ptr + len(data) > size:
+        raise InvalidModule(
+            f"alloc({len(data)}) returned {ptr}, outside the memory of {size} bytes"
+        )
+    if data:
+        live.memory.write(live.store, data, ptr)
+    return ptr
+
+
+def _take_output(live: _Live, result: object, limits: ExecutorLimits, export: str) -> bytes:
+    """Copy out the output range ``out_ptr << 32 | out_len`` that ``export`` returned."""
+    assert isinstance(result, int)  # the export's type was checked: (...) -> i64
+    packed = result & _MAX_U64
+    out_ptr, out_len = packed >> 32, packed & _MAX_U32
+    if out_len > limits.max_output:
+        raise OutputTooLarge(f"job output is {out_len} bytes, above the cap of {limits.max_output}")
+    size = live.memory.data_len(live.store)
+    if out_ptr + out_len > size:
+        raise InvalidModule(
+            f"{export} returned output [{out_ptr}, +{out_len}) outside the memory of {size} bytes"
+        )
+    return bytes(live.memory.read(live.store, out_ptr, out_ptr + out_len))
+
+
+def _checked_fuel(fuel: int, limits: ExecutorLimits) -> int:
+    if isinstance(fuel, bool) or not isinstance(fuel, int) or fuel <= 0:
+        raise UsageError(f"fuel must be a positive int, got {fuel!r}")
+    if fuel > limits.max_fuel:
+        raise UsageError(f"fuel {fuel} is above the executor's max_fuel {limits.max_fuel}")
+    return fuel
+
+
+def _checked_secrets(secrets: Sequence[bytes]) -> tuple[bytes, ...]:
+    if isinstance(secrets, bytes | str) or not isinstance(secrets, Sequence):
+        raise UsageError("secrets must be a sequence of bytes")
+    if len(secrets) > MAX_JOB_SECRETS:
+        raise UsageError(f"a job gets at most {MAX_JOB_SECRETS} secrets")
+    for secret in secrets:
+        if not isinstance(secret, bytes) or len(secret) > MAX_JOB_SECRET_LEN:
+            raise UsageError(f"each secret must be at most {MAX_JOB_SECRET_LEN} bytes")
+    return tuple(secrets)
+
+
+class StreamingRun:
+    """One streaming job (job ABI v3) fed its input piece by piece; see ``protocols/job-abi.md``.
+
+    Made by :meth:`WasmExecutor.open_stream`, which instantiates the module: one store and one
+    instance for the whole stream, one fuel grant drawn on by the instantiation and every
+    ``alloc``/``feed``/``finish``. Each call takes the executor's lock for its own duration only
+    (other jobs interleave between pieces) and is bounded by ``wall_clock_s`` on its own; time
+    spent between calls, waiting for input, is not the job's.
+
+    Any failure (an :class:`~phala_p2p.errors.ExecutionError` from a call) kills the stream: its
+    store is dropped and every later call raises :class:`~phala_p2p.errors.UsageError`. A piece
+    refused before the job sees it (not bytes, empty or above ``max_input``) raises UsageError
+    and leaves the stream as it was. :meth:`finish` and :meth:`close` drop the store as well;
+    :attr:`fuel_used` and :attr:`memory_bytes` keep their last values. Thread-safe, but pieces
+    must of course be fed in order by one caller.
+    """
+
+    def __init__(
+        self,
+        *,
+        live: _Live,
+        fuel: int,
+        lock: threading.Lock,
+        engine: wasmtime.Engine,
+        limits: ExecutorLimits,
+    ) -> None:
+        self._live: _Live | None = live
+        self._fuel = fuel
+        self._lock = lock
+        self._engine = engine
+        self._limits = limits
+        self._fuel_used = fuel - live.store.get_fuel()
+        self._memory_bytes = live.memory.data_len(live.store)
+        self._finished = False
+        self._failure: str | None = None
+
+    def __enter__(self) -> StreamingRun:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def fuel_used(self) -> int:
+        """Fuel used so far by the whole stream (instantiation included); at most the grant."""
+        return self._fuel_used
+
+    @property
+    def memory_bytes(self) -> int:
+        """Size in bytes of the instance's linear memory after the last call."""
+        return self._memory_bytes
+
+    @property
+    def finished(self) -> bool:
+        """Whether :meth:`finish` has returned."""
+        return self._finished
+
+    @property
+    def failed(self) -> bool:
+        """Whether a call failed (the stream is then dead)."""
+        return self._failure is not None
+
+    def feed(self, data: bytes) -> bytes:
+        """Give the job one piece of input (1 to ``max_input`` bytes); return its output.
+
+        Calls ``alloc(len)``, copies the piece to the pointer it returns, calls ``feed`` and
+        copies out the output range it returns (possibly empty). Raises the execution errors
+        of :meth:`WasmExecutor.run`; UsageError for a bad piece or a dead stream.
+        """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise UsageError("a piece of input must be bytes")
+        piece = bytearray(data)
+        if not 0 < len(piece) <= self._limits.max_input:
+            raise UsageError(
+                f"a piece of input must be 1 to {self._limits.max_input} bytes, got {len(piece)}"
+            )
+        with self._lock:
+            live = self._usable("feed")
+            return self._call(live, piece)
+
+    def finish(self) -> bytes:
+        """Tell the job its input has ended (calls ``finish``); return its last output."""
+        with self._lock:
+            live = self._usable("finish")
+            output = self._call(live, None)
+            self._finished = True
+            self._live = None
+            return output
+
+    def close(self) -> None:
+        """Drop the store and instance (and the job's memory); idempotent."""
+        with self._lock:
+            self._live = None
+
+    def _usable(self, what: str) -> _Live:
+        if self._failure is not None:
+            raise UsageError(
+                f"cannot {what}: the stream failed earlier ({self._failure}); open a new one"
+            )
+        if self._finished:
+            raise UsageError(f"cannot {what}: the stream is finished")
+        if self._live is None:
+            raise UsageError(f"cannot {what}: the stream is closed")
+        return self._live
+
+    def _call(self, live: _Live, piece: bytearray | None) -> bytes:
+        """One call into the job (alloc + feed, or finish); the caller holds the lock."""
+        store = live.store
+        export = "finish" if piece is None else "feed"
+        ok = False
+        try:
+            store.set_epoch_deadline(1)
+            with _wall_clock(self._engine, self._limits.wall_clock_s):
+                with _job_errors(store, live.memory, self._limits):
+                    if piece is None:
+                        assert live.finish is not None  # open_stream checked
+                        result = live.finish(store)
+                    else:
+                        assert live.feed is not None  # open_stream checked
+                        ptr = _alloc_and_copy(live, piece)
+                        result = live.feed(store, ptr, len(piece))
+            output = _take_output(live, result, self._limits, export)
+            ok = True
+            return output
+        except ExecutionError as err:
+            self._failure = f"{export}: {type(err).__name__}: {err}"
+            raise
+        finally:
+            self._fuel_used = self._fuel - store.get_fuel()
+            self._memory_bytes = live.memory.data_len(store)
+            if not ok:
+                if self._failure is None:  # interrupted by something other than the job
+                    self._failure = f"{export} was interrupted"
+                self._live = None
+
+
 class WasmExecutor:
-    """Compiles and runs job modules under :class:`ExecutorLimits` (one job at a time)."""
+    """Compiles and runs job modules under :class:`ExecutorLimits` (one call at a time)."""
 
     def __init__(self, limits: ExecutorLimits | None = None) -> None:
         self._limits = limits if limits is not None else ExecutorLimits()
@@ -198,9 +498,17 @@ class WasmExecutor:
     def compile(self, module_bytes: bytes) -> wasmtime.Module:
         """Compile and ABI-check a module (cached by SHA-256); raises InvalidModule."""
         with self._lock:
-            return self._compile_locked(module_bytes)
+            return self._compile_locked(module_bytes).module
 
-    def _compile_locked(self, module_bytes: bytes) -> wasmtime.Module:
+    def is_streaming(self, module_bytes: bytes) -> bool:
+        """Whether the module is a streaming job (exports ``feed`` and ``finish``).
+
+        Compiles and checks it (cached); raises InvalidModule if it fits neither mode.
+        """
+        with self._lock:
+            return self._compile_locked(module_bytes).streams
+
+    def _compile_locked(self, module_bytes: bytes) -> _Compiled:
         if not isinstance(module_bytes, bytes | bytearray | memoryview):
             raise UsageError("module_bytes must be bytes")
         module_bytes = bytes(module_bytes)
@@ -213,18 +521,19 @@ class WasmExecutor:
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
-            return hit.module
+            return hit
         if not module_bytes.startswith(b"\0asm"):
             raise InvalidModule("not a WebAssembly binary (missing \\0asm magic)")
         try:
             module = wasmtime.Module(self._engine, module_bytes)
         except wasmtime.WasmtimeError as err:
             raise InvalidModule(f"module does not compile: {_first_line(err)}") from err
-        _check_abi(module)
-        self._cache[key] = _Compiled(module)
+        runs, streams = _check_abi(module)
+        compiled = _Compiled(module, runs=runs, streams=streams)
+        self._cache[key] = compiled
         while len(self._cache) > self._limits.module_cache_size:
             self._cache.popitem(last=False)
-        return module
+        return compiled
 
     # -- execution ---------------------------------------------------------------------------
 
@@ -235,16 +544,11 @@ class WasmExecutor:
 
         ``secrets`` (at most :data:`MAX_JOB_SECRETS`, each at most :data:`MAX_JOB_SECRET_LEN`
         bytes) are what the job reads with ``phala.secret_len``/``phala.secret_read``.
-        Raises InvalidModule, Trap, FuelExhausted, MemoryExhausted, WallClockExceeded or
-        OutputTooLarge (all ExecutionError); UsageError for a bad ``fuel``, oversized input or
-        bad secrets.
+        Raises InvalidModule (also for a streaming job without ``run``), Trap, FuelExhausted,
+        MemoryExhausted, WallClockExceeded or OutputTooLarge (all ExecutionError); UsageError
+        for a bad ``fuel``, oversized input or bad secrets.
         """
-        if isinstance(fuel, bool) or not isinstance(fuel, int) or fuel <= 0:
-            raise UsageError(f"fuel must be a positive int, got {fuel!r}")
-        if fuel > self._limits.max_fuel:
-            raise UsageError(
-                f"fuel {fuel} is above the executor's max_fuel {self._limits.max_fuel}"
-            )
+        fuel = _checked_fuel(fuel, self._limits)
         if not isinstance(input, bytes | bytearray | memoryview):
             raise UsageError("input must be bytes")
         data = bytes(input)
@@ -252,92 +556,52 @@ class WasmExecutor:
             raise UsageError(
                 f"input is {len(data)} bytes, above the cap of {self._limits.max_input}"
             )
-        if isinstance(secrets, bytes | str) or not isinstance(secrets, Sequence):
-            raise UsageError("secrets must be a sequence of bytes")
-        if len(secrets) > MAX_JOB_SECRETS:
-            raise UsageError(f"a job gets at most {MAX_JOB_SECRETS} secrets")
-        for secret in secrets:
-            if not isinstance(secret, bytes) or len(secret) > MAX_JOB_SECRET_LEN:
-                raise UsageError(f"each secret must be at most {MAX_JOB_SECRET_LEN} bytes")
+        secret_tuple = _checked_secrets(secrets)
         with self._lock:
-            module = self._compile_locked(module_bytes)
-            return self._run_locked(module, data, fuel, tuple(secrets))
+            compiled = self._compile_locked(module_bytes)
+            if not compiled.runs:
+                raise InvalidModule(
+                    "module is a streaming job without a 'run' export; run it with open_stream"
+                )
+            return self._run_locked(compiled.module, data, fuel, secret_tuple)
 
     def _run_locked(
         self, module: wasmtime.Module, data: bytes, fuel: int, secrets: tuple[bytes, ...]
     ) -> ExecResult:
         limits = self._limits
-        store = wasmtime.Store(self._engine)
-        store.set_limits(
-            memory_size=limits.memory_cap_bytes,
-            table_elements=_MAX_TABLE_ELEMENTS,
-            instances=1,
-            tables=4,
-            memories=1,
-        )
-        store.set_fuel(fuel)
-        store.set_epoch_deadline(1)
-        # The watchdog bumps the engine's epoch once the wall-clock cap has passed; the store
-        # traps at its next epoch check. Jobs run one at a time (self._lock), and the timer is
-        # joined before the next job starts, so a late tick can never hit another job.
-        watchdog = threading.Timer(float(limits.wall_clock_s), self._engine.increment_epoch)
-        watchdog.daemon = True
-        memory: wasmtime.Memory | None = None
-        watchdog.start()
-        try:
-            try:
-                imports = _host_imports(store, module, secrets)
-                instance = wasmtime.Instance(store, module, imports)
-            except wasmtime.Trap as err:
-                raise _classify_trap(err, None, store, limits) from err
-            except wasmtime.WasmtimeError as err:
-                msg = str(err)
-                if "memory" in msg and "limit" in msg:
-                    raise MemoryExhausted(
-                        f"module's initial memory exceeds the cap of {limits.memory_cap_bytes} "
-                        f"bytes: {_first_line(err)}"
-                    ) from err
-                raise InvalidModule(f"module does not instantiate: {_first_line(err)}") from err
-            exports = instance.exports(store)
-            mem = exports["memory"]
-            alloc = exports["alloc"]
-            run = exports["run"]
-            assert isinstance(mem, wasmtime.Memory)
-            assert isinstance(alloc, wasmtime.Func)
-            assert isinstance(run, wasmtime.Func)
-            memory = mem
-            try:
-                ptr = alloc(store, len(data)) & _MAX_U32
-                size = memory.data_len(store)
-                if ptr + len(data) > size:
-                    raise InvalidModule(
-                        f"alloc({len(data)}) returned {ptr}, outside the memory of {size} bytes"
-                    )
-                if data:
-                    memory.write(store, data, ptr)
-                result = run(store, ptr, len(data)) & 0xFFFF_FFFF_FFFF_FFFF
-            except wasmtime.Trap as err:
-                raise _classify_trap(err, memory, store, limits) from err
-            except wasmtime.WasmtimeError as err:
-                raise Trap(f"job failed: {_first_line(err)}") from err
-            out_ptr = result >> 32
-            out_len = result & _MAX_U32
-            if out_len > limits.max_output:
-                raise OutputTooLarge(
-                    f"job output is {out_len} bytes, above the cap of {limits.max_output}"
-                )
-            size = memory.data_len(store)
-            if out_ptr + out_len > size:
+        # The wall clock covers instantiation (a start function), alloc and run together.
+        with _wall_clock(self._engine, limits.wall_clock_s):
+            live = _instantiate(self._engine, limits, module, fuel, secrets)
+            assert live.run is not None  # the caller checked
+            with _job_errors(live.store, live.memory, limits):
+                ptr = _alloc_and_copy(live, data)
+                result = live.run(live.store, ptr, len(data))
+            output = _take_output(live, result, limits, "run")
+            return ExecResult(output=output, fuel_used=fuel - live.store.get_fuel())
+
+    def open_stream(
+        self, module_bytes: bytes, *, fuel: int, secrets: Sequence[bytes] = ()
+    ) -> StreamingRun:
+        """Instantiate a streaming job (exports ``feed`` and ``finish``) to feed piece by piece.
+
+        ``fuel`` is the grant for the whole stream; ``secrets`` as in :meth:`run`. The
+        instantiation (a start function) runs here under the wall-clock cap. Raises
+        InvalidModule if the module is not a streaming job, the other execution errors of
+        :meth:`run` if instantiation fails, UsageError for a bad ``fuel`` or bad secrets.
+        """
+        fuel = _checked_fuel(fuel, self._limits)
+        secret_tuple = _checked_secrets(secrets)
+        with self._lock:
+            compiled = self._compile_locked(module_bytes)
+            if not compiled.streams:
                 raise InvalidModule(
-                    f"run returned output [{out_ptr}, +{out_len}) outside the memory of "
-                    f"{size} bytes"
+                    "module is not a streaming job: it does not export 'feed' and 'finish'"
                 )
-            output = bytes(memory.read(store, out_ptr, out_ptr + out_len))
-            fuel_used = fuel - store.get_fuel()
-            return ExecResult(output=output, fuel_used=fuel_used)
-        finally:
-            watchdog.cancel()
-            watchdog.join()
+            with _wall_clock(self._engine, self._limits.wall_clock_s):
+                live = _instantiate(self._engine, self._limits, compiled.module, fuel, secret_tuple)
+            return StreamingRun(
+                live=live, fuel=fuel, lock=self._lock, engine=self._engine, limits=self._limits
+            )
 
     # -- benchmark ---------------------------------------------------------------------------
 
@@ -409,7 +673,19 @@ def _same_func_type(a: wasmtime.FuncType, b: wasmtime.FuncType) -> bool:
     return a.params == b.params and a.results == b.results
 
 
-def _check_abi(module: wasmtime.Module) -> None:
+# The exports of the two modes, with their types (job ABI v3).
+_RUN_TYPE: Final = wasmtime.FuncType([_I32, _I32], [_I64])
+_FEED_TYPE: Final = wasmtime.FuncType([_I32, _I32], [_I64])
+_FINISH_TYPE: Final = wasmtime.FuncType([], [_I64])
+
+
+def _check_abi(module: wasmtime.Module) -> tuple[bool, bool]:
+    """Check the module's imports and exports; return (exports ``run``, is a streaming job).
+
+    A module must export ``memory`` and ``alloc``, and ``run`` or ``feed`` + ``finish`` (or
+    both). ``run``, ``feed`` and ``finish`` are reserved names: exported under another type,
+    or ``feed`` without ``finish`` (or the reverse), the module is refused.
+    """
     refused = [
         imp
         for imp in module.imports
@@ -427,13 +703,46 @@ def _check_abi(module: wasmtime.Module) -> None:
     mem = exports.get("memory")
     if not isinstance(mem, wasmtime.MemoryType):
         raise InvalidModule("module must export a linear memory named 'memory'")
-    i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
     alloc = exports.get("alloc")
-    if not isinstance(alloc, wasmtime.FuncType) or alloc.params != [i32] or alloc.results != [i32]:
+    if (
+        not isinstance(alloc, wasmtime.FuncType)
+        or alloc.params != [_I32]
+        or alloc.results != [_I32]
+    ):
         raise InvalidModule("module must export 'alloc' with type (i32) -> i32")
-    run = exports.get("run")
-    if not isinstance(run, wasmtime.FuncType) or run.params != [i32, i32] or run.results != [i64]:
-        raise InvalidModule("module must export 'run' with type (i32, i32) -> i64")
+    wanted = {"run": _RUN_TYPE, "feed": _FEED_TYPE, "finish": _FINISH_TYPE}
+    for name, func_type in wanted.items():
+        found = exports.get(name)
+        if found is not None and (
+            not isinstance(found, wasmtime.FuncType) or not _same_func_type(found, func_type)
+        ):
+            raise InvalidModule(
+                f"module must export '{name}' with type {_describe(func_type)}, "
+                f"not {_describe(found)}"
+            )
+    runs = "run" in exports
+    if ("feed" in exports) != ("finish" in exports):
+        have, lacks = ("feed", "finish") if "feed" in exports else ("finish", "feed")
+        raise InvalidModule(
+            f"module exports '{have}' but not '{lacks}'; a streaming job must export both "
+            f"'feed' {_describe(_FEED_TYPE)} and 'finish' {_describe(_FINISH_TYPE)}"
+        )
+    streams = "feed" in exports
+    if not (runs or streams):
+        raise InvalidModule(
+            f"module must export 'run' {_describe(_RUN_TYPE)}, or 'feed' "
+            f"{_describe(_FEED_TYPE)} and 'finish' {_describe(_FINISH_TYPE)} (a streaming job)"
+        )
+    return runs, streams
+
+
+def _describe(extern: object) -> str:
+    """An export's type as the messages show it, e.g. ``(i32, i32) -> i64``."""
+    if not isinstance(extern, wasmtime.FuncType):
+        return "a function" if extern is None else f"a {type(extern).__name__}"
+    params = ", ".join(str(t) for t in extern.params)
+    results = ", ".join(str(t) for t in extern.results) or "()"
+    return f"({params}) -> {results}"
 
 
 def _classify_trap(

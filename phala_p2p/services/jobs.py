@@ -1,0 +1,688 @@
+"""Confidential jobs on the network: ``/phala/job/1.0.0`` (``protocols/job.md``).
+
+Miners relay: each inbound job stream's bytes go to the enclave (``Enclave.job_open`` /
+``job_data``), which holds the session keys and runs the job, and what it answers goes back.
+The node sees only ciphertext, and the usage receipts the enclave signs (public), which it
+keeps to settle the job on chain if the client does not (``[jobs] settle_after``).
+
+Clients run jobs end to end with :meth:`JobService.run_job` (whole input and output in
+memory) or :meth:`JobService.run_job_stream` (async iterables in, a callback out, bounded
+memory): find a miner, attest it, negotiate (an escrow on chain), stream the job over a
+forward-secret session, check every receipt against the agreement, co-sign the final one and
+settle. A dropped connection is resumed on a new one within ``[jobs] grace``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from phala_p2p.config import JobsConfig
+from phala_p2p.errors import (
+    ConnectionLost,
+    EnclaveError,
+    ExecutionError,
+    FuelExhausted,
+    InvalidModule,
+    MemoryExhausted,
+    OutputTooLarge,
+    P2PError,
+    PeerUnreachable,
+    ProtocolNotSupported,
+    ProtocolViolation,
+    RequestTimeout,
+    Trap,
+    UsageError,
+    WallClockExceeded,
+)
+from phala_p2p.jobs.client import ClientJobSession
+from phala_p2p.jobs.config import JobConfig
+from phala_p2p.jobs.framing import FrameDecoder, FrameType, decode_frame
+from phala_p2p.jobs.messages import ClientHello
+from phala_p2p.jobs.payload import (
+    MAX_MODULE,
+    FailedRecord,
+    JobFailed,
+    JobSpec,
+    Output,
+    ReceiptRecord,
+    RecordDecoder,
+    job_header,
+)
+from phala_p2p.jobs.session import Acked, DataReceived, State
+from phala_p2p.market.directory import Advert
+from phala_p2p.market.negotiation import Agreement
+from phala_p2p.market.receipt import CoSignedReceipt, JobReceipt, settle_body
+from phala_p2p.net.streams import RawStream
+from phala_p2p.services.chain import Receipt
+from phala_p2p.wire.codec import decode, encode
+
+if TYPE_CHECKING:
+    from phala_p2p.node import Node
+
+logger = logging.getLogger(__name__)
+
+JOB_PROTOCOL: Final = "/phala/job/1.0.0"
+READ_SIZE: Final = 1 << 20
+FIRST_FRAME_TIMEOUT: Final = 10.0
+MAX_KEPT: Final = 4096
+_EXECUTION_ERRORS: Final[dict[str, type[ExecutionError]]] = {
+    cls.__name__: cls
+    for cls in (
+        ExecutionError,
+        InvalidModule,
+        Trap,
+        FuelExhausted,
+        MemoryExhausted,
+        WallClockExceeded,
+        OutputTooLarge,
+    )
+}
+
+Progress = Callable[["JobProgress"], None]
+
+
+class JobLost(ConnectionLost):
+    """The miner could not be reached again within the grace period (it crashed, or the
+    network stayed cut): the job's outcome is unknown; the escrow is refunded when it
+    expires."""
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """Where a job stands: plaintext ``sent`` of ``total`` (None: unknown), output
+    ``received``, and ``phase`` (negotiating, streaming, settling, done)."""
+
+    phase: str
+    sent: int = 0
+    total: int | None = None
+    received: int = 0
+    resumes: int = 0
+
+
+@dataclass
+class StreamStats:
+    """What the transport carried: bytes written and read over all connections, resumes."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    connections: int = 0
+    resumes: int = 0
+
+
+@dataclass
+class JobResult:
+    """A finished job: ``output`` (empty for the streaming form, whose output went to the
+    caller), the co-signed final ``receipt`` (``.fuel_used``, ``.bytes_in``,
+    ``.bytes_out``, the enclave's and the client's signatures), the ``miner``'s peer id, the
+    ``agreement``, and the settlement transaction's chain ``settlement`` receipt (None if it
+    was not final within ``[jobs] settle_timeout``: it stays pending and is re-sent)."""
+
+    output: bytes
+    receipt: CoSignedReceipt
+    miner: str
+    agreement: Agreement
+    settlement: Receipt | None
+    stats: StreamStats = field(default_factory=StreamStats)
+
+
+class JobExecutionFailed(ExecutionError):
+    """Raised by ``run_job`` when the job itself failed in the enclave (``error`` names the
+    executor's error: Trap, FuelExhausted, ...); the fuel it used is settled all the same
+    (``result``)."""
+
+    def __init__(self, error: str, text: str, result: JobResult) -> None:
+        super().__init__(f"{error}: {text}")
+        self.error = error
+        self.text = text
+        self.result = result
+        cls = _EXECUTION_ERRORS.get(error)
+        self.kind: type[ExecutionError] = cls if cls is not None else ExecutionError
+
+
+class _Pieces:
+    """Pulls bytes from an async iterable in pieces of at most a given size, with one piece
+    of lookahead so the caller knows which piece is the last."""
+
+    def __init__(self, source: AsyncIterator[bytes]) -> None:
+        self._source = source
+        self._buf = b""
+        self._pos = 0
+        self._exhausted = False
+
+    async def _fill(self) -> None:
+        while self._pos >= len(self._buf) and not self._exhausted:
+            try:
+                piece = await self._source.__anext__()
+            except StopAsyncIteration:
+                self._exhausted = True
+                return
+            if not isinstance(piece, bytes | bytearray | memoryview):
+                raise UsageError("the input must yield bytes")
+            self._buf, self._pos = bytes(piece), 0
+
+    async def take(self, size: int) -> tuple[bytes, bool]:
+        """Up to ``size`` bytes, and whether nothing follows them."""
+        await self._fill()
+        data = self._buf[self._pos : self._pos + size]
+        self._pos += len(data)
+        await self._fill()
+        return data, self._exhausted and self._pos >= len(self._buf)
+
+
+async def _chain_source(*parts: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    for part in parts:
+        if isinstance(part, bytes | bytearray | memoryview):
+            if part:
+                yield bytes(part)
+        else:
+            async for piece in part:
+                yield piece
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class JobService:
+    """Serves ``/phala/job/1.0.0`` on nodes with an enclave; runs jobs for clients."""
+
+    def __init__(self, node: Node, config: JobsConfig) -> None:
+        self._node = node
+        self.config = config
+        self.receipts: OrderedDict[bytes, JobReceipt] = OrderedDict()
+        self._settle_due: OrderedDict[bytes, float] = OrderedDict()
+        self._settle_wake = trio.Event()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        node = self._node
+        if node.tee is not None:
+            node._rr.serve_raw(JOB_PROTOCOL, self._serve)
+        async with trio.open_nursery() as nursery:
+            if node.tee is not None and node.has_chain:
+                nursery.start_soon(self._settler)
+            task_status.started()
+
+    # -- the miner's side: relay to the enclave ---------------------------------------------
+
+    async def _serve(self, stream: RawStream) -> None:
+        node = self._node
+        tee = node.tee
+        if tee is None or tee.enclave is None:
+            return
+        enclave = tee.enclave
+        first, agreement = await self._first_frame(stream)
+        if first is None:
+            return
+        node.metrics.count("job_connections")
+        step = await enclave.job_open(first, agreement)
+        session_id, generation = step.session_id, step.generation
+        while True:
+            self._took(step)
+            await stream.write(step.out)
+            if step.closed:
+                if step.error:
+                    logger.info("job connection from %s ended: %s", stream.peer_id, step.error)
+                return
+            try:
+                data = await stream.read(READ_SIZE)
+            except ConnectionLost:
+                data = b""
+            if not data:
+                await enclave.job_lost(session_id, generation)
+                node.metrics.count("job_connections_lost")
+                return
+            step = await enclave.job_data(session_id, generation, data)
+
+    async def _first_frame(self, stream: RawStream) -> tuple[bytes | None, bytes]:
+        """The connection's first whole frame (and what came with it), and for a hello the
+        agreement it names, encoded (b"" if none is known: the enclave refuses)."""
+        decoder = FrameDecoder()
+        buf = bytearray()
+        with trio.move_on_after(FIRST_FRAME_TIMEOUT):
+            while True:
+                data = await stream.read(4096)
+                if not data:
+                    return None, b""
+                buf += data
+                try:
+                    frames = decoder.feed(data)
+                except ProtocolViolation:
+                    return bytes(buf), b""  # the enclave refuses it with its reason
+                if frames:
+                    break
+        if not buf or not frames:
+            return None, b""
+        agreement = b""
+        if frames[0].type is FrameType.CLIENT_HELLO:
+            try:
+                hello = decode_frame(frames[0])
+            except ProtocolViolation:
+                return bytes(buf), b""
+            assert isinstance(hello, ClientHello)
+            node = self._node
+            found = node.market.agreements.get(hello.agreement_id) if node.has_chain else None
+            if found is not None:
+                agreement = encode(found)
+        return bytes(buf), agreement
+
+    def _took(self, step: Any) -> None:
+        """Keep the receipts the enclave signed; a final one frees the agreement's slot and
+        schedules the operator's own settlement."""
+        for raw in step.receipts:
+            try:
+                receipt = decode(raw, max_size=1024, expect=JobReceipt)
+            except ProtocolViolation as err:
+                raise EnclaveError(f"the enclave signed a malformed receipt: {err}") from err
+            self.receipts[receipt.agreement_id] = receipt
+            self.receipts.move_to_end(receipt.agreement_id)
+            while len(self.receipts) > MAX_KEPT:
+                self.receipts.popitem(last=False)
+            self._node.metrics.count("job_receipts", final=str(receipt.final).lower())
+            if receipt.final:
+                self._job_ended(receipt.agreement_id)
+        if step.closed and step.agreement_id and not step.done:
+            self._job_ended(step.agreement_id)
+
+    def _job_ended(self, agreement_id: bytes) -> None:
+        node = self._node
+        if not node.has_chain:
+            return
+        node.market.release(agreement_id)
+        if agreement_id in self.receipts and agreement_id not in self._settle_due:
+            self._settle_due[agreement_id] = trio.current_time() + self.config.settle_after
+            while len(self._settle_due) > MAX_KEPT:
+                self._settle_due.popitem(last=False)
+            self._settle_wake.set()
+
+    async def _settler(self) -> None:
+        """Settle, as the operator, the jobs the client has not settled in time."""
+        while True:
+            if not self._settle_due:
+                await self._settle_wake.wait()
+                self._settle_wake = trio.Event()
+                continue
+            agreement_id, due = next(iter(self._settle_due.items()))
+            with trio.move_on_at(due):
+                await self._settle_wake.wait()
+                self._settle_wake = trio.Event()
+                continue
+            del self._settle_due[agreement_id]
+            await self._settle_as_operator(agreement_id)
+
+    async def _settle_as_operator(self, agreement_id: bytes) -> None:
+        node = self._node
+        chain = node.chain
+        if chain.state.settlement(agreement_id) is not None:
+            return
+        agreement = node.market.agreements.get(agreement_id)
+        receipt = self.receipts.get(agreement_id)
+        if agreement is None or receipt is None:
+            return
+        try:
+            result = await chain.submit(settle_body(agreement, receipt))
+        except P2PError as err:
+            logger.warning("job %s not settled: %s", agreement_id.hex()[:12], err)
+            return
+        node.metrics.count("jobs_settled_by_operator", ok=str(result.ok).lower())
+        if not result.ok and chain.state.settlement(agreement_id) is None:
+            logger.warning("settlement of %s refused: %s", agreement_id.hex()[:12], result.error)
+
+    # -- the client's side ---------------------------------------------------------------------
+
+    async def run_job(
+        self,
+        module: bytes,
+        input: bytes,
+        *,
+        max_fuel: int,
+        max_price: int | None = None,
+        miner: Advert | str | None = None,
+        deadline: float = 300.0,
+        progress: Progress | None = None,
+    ) -> JobResult:
+        """Run ``module`` on ``input`` in a miner's enclave and return its output.
+
+        Finds a miner (``miner``: an advert or a peer id; default the best-ranked one that
+        takes the job), attests it, negotiates an agreement for at most ``max_fuel`` fuel at
+        no more than ``max_price`` per million (default: the advertised price) with an escrow
+        on chain, streams the job over an encrypted session, checks the enclave's receipts,
+        co-signs the final one and settles. Raises JobExecutionFailed if the job failed in the
+        enclave (its fuel is settled), JobLost if the miner stays unreachable past the grace
+        period, JobCancelled if the enclave cancelled, and the market's typed errors.
+        """
+        _check_bytes("module", module)
+        _check_bytes("input", input)
+        output = bytearray()
+
+        async def keep(data: bytes) -> None:
+            output.extend(data)
+
+        result = await self.run_job_stream(
+            module,
+            _chain_source(input),
+            input_size=len(input),
+            on_output=keep,
+            max_fuel=max_fuel,
+            max_price=max_price,
+            miner=miner,
+            deadline=deadline,
+            progress=progress,
+        )
+        result.output = bytes(output)
+        return result
+
+    async def run_job_stream(
+        self,
+        module: bytes,
+        input: AsyncIterable[bytes],
+        *,
+        input_size: int,
+        on_output: Callable[[bytes], Awaitable[None]],
+        max_fuel: int,
+        max_price: int | None = None,
+        miner: Advert | str | None = None,
+        deadline: float = 300.0,
+        progress: Progress | None = None,
+    ) -> JobResult:
+        """The streaming form of :meth:`run_job`: ``input`` yields the input in pieces
+        (``input_size`` bytes in all, at most: the agreement is for that many), each piece of
+        output is handed to ``await on_output(data)`` as it arrives, and ``progress`` is called
+        with a :class:`JobProgress` as the job moves. Memory stays bounded by the session's
+        window whatever the sizes (the module is held whole: it is at most a few MiB)."""
+        _check_bytes("module", module)
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 0:
+            raise UsageError("input_size must be an int >= 0")
+        if isinstance(max_fuel, bool) or not isinstance(max_fuel, int) or max_fuel < 1:
+            raise UsageError("max_fuel must be an int >= 1")
+        if not 0 < len(module) <= MAX_MODULE:
+            raise UsageError(f"a module is 1..{MAX_MODULE} bytes")
+        header = job_header(JobSpec(module_len=len(module), max_fuel=max_fuel))
+        total = len(header) + len(module) + input_size
+        report = progress or (lambda _p: None)
+        report(JobProgress("negotiating", total=total))
+        advert = await self._choose(miner, total, max_fuel, max_price)
+        agreement = await self._node.market.negotiate(
+            advert, job_bytes=total, max_fuel=max_fuel, max_price=max_price, deadline=deadline
+        )
+        stats = StreamStats()
+        run = _ClientRun(
+            self,
+            advert,
+            agreement,
+            _Pieces(_chain_source(header, module, input).__aiter__()),
+            total,
+            on_output,
+            report,
+            stats,
+        )
+        left = agreement.terms.deadline_ms / 1000 - time.time()
+        with trio.move_on_after(max(1.0, left)) as scope:
+            final, failure = await run.stream()
+        if scope.cancelled_caught:
+            raise RequestTimeout(f"the job was not done by its deadline ({deadline}s)")
+        if final.bytes_in != run.sent:
+            raise ProtocolViolation(
+                f"the final receipt counts {final.bytes_in} bytes in; we sent {run.sent}",
+                reason="bad_receipt",
+            )
+        if final.bytes_out != run.received or final.output_hash != run.output_hash():
+            raise ProtocolViolation(
+                "the final receipt does not match the output received", reason="output_mismatch"
+            )
+        cosigned = CoSignedReceipt.sign(final, self._node.chain.signer)
+        report(JobProgress("settling", run.sent, total, run.received, stats.resumes))
+        settlement = await self._settle(agreement, cosigned)
+        report(JobProgress("done", run.sent, total, run.received, stats.resumes))
+        result = JobResult(b"", cosigned, advert.peer_id, agreement, settlement, stats)
+        self._node.metrics.count("jobs_run", failed=str(failure is not None).lower())
+        if failure is not None:
+            raise JobExecutionFailed(failure.error, failure.text, result)
+        return result
+
+    async def _choose(
+        self, miner: Advert | str | None, total: int, fuel: int, max_price: int | None
+    ) -> Advert:
+        market = self._node.market
+        if miner is not None:
+            return market._advert_of(miner)
+        found = await market.find_miners(
+            wait=10.0, min_free_slots=1, input_size=total, fuel=fuel, max_price=max_price
+        )
+        if not found:
+            price = f" at {max_price} per million fuel or less" if max_price is not None else ""
+            raise UsageError(
+                f"no known miner has a free slot for a job of {total} bytes and {fuel} fuel"
+                f"{price} ({len(market.directory)} adverts known)"
+            )
+        return found[0]
+
+    async def _settle(self, agreement: Agreement, cosigned: CoSignedReceipt) -> Receipt | None:
+        chain = self._node.chain
+        if chain.state.settlement(agreement.id) is not None:
+            return None
+        try:
+            with trio.move_on_after(self.config.settle_timeout):
+                return await chain.submit(
+                    settle_body(agreement, cosigned), timeout=self.config.settle_timeout
+                )
+        except P2PError as err:
+            logger.info("settlement of %s pending: %s", agreement.id.hex()[:12], err)
+        return None
+
+
+class _ClientRun:
+    """One job's session on the client: connections, resumes, the two streams, receipts."""
+
+    def __init__(
+        self,
+        service: JobService,
+        advert: Advert,
+        agreement: Agreement,
+        source: _Pieces,
+        total: int,
+        on_output: Callable[[bytes], Awaitable[None]],
+        report: Progress,
+        stats: StreamStats,
+    ) -> None:
+        cfg = service.config
+        self.node = service._node
+        self.config = cfg
+        self.advert = advert
+        self.agreement = agreement
+        self.source = source
+        self.total = total
+        self.on_output = on_output
+        self.report = report
+        self.stats = stats
+        self.session = ClientJobSession.for_agreement(
+            agreement,
+            JobConfig(
+                chunk_size=cfg.chunk_size, window=cfg.window, grace_ms=int(cfg.grace * 1000)
+            ),
+        )
+        self.records = RecordDecoder()
+        self.last: JobReceipt | None = None
+        self.failure: JobFailed | None = None
+        self.sent = 0
+        self.received = 0
+        self._hash = hashlib.blake2b(digest_size=32)
+        self._room = trio.Event()
+        self._wlock = trio.Lock()
+        self._input_done = False
+
+    def output_hash(self) -> bytes:
+        return bytes(self._hash.digest())
+
+    async def stream(self) -> tuple[JobReceipt, JobFailed | None]:
+        self.report(JobProgress("streaming", 0, self.total))
+        while True:
+            try:
+                await self._connection()
+            except (ConnectionLost, PeerUnreachable, RequestTimeout, ProtocolNotSupported) as err:
+                if isinstance(err, JobLost):
+                    raise
+                await self._lost(err)
+                continue
+            assert self.last is not None
+            return self.last, self.failure
+
+    async def _lost(self, err: P2PError) -> None:
+        """The connection dropped: wait for the miner to be reachable again (within the
+        grace period), or give up with JobLost."""
+        session = self.session
+        now = _now_ms()
+        if session.state is State.HELLO_SENT or session.keys is None:
+            session.close()
+            raise JobLost(
+                f"the connection to {self.advert.peer_id} dropped during the handshake: {err}"
+            )
+        session.connection_lost(now)
+        deadline = session.next_deadline()
+        assert deadline is not None
+        logger.info("job connection to %s lost (%s); resuming", self.advert.peer_id, err)
+        self.node.metrics.count("job_connections_lost")
+        delay = 0.05
+        while True:
+            remaining = (deadline - _now_ms()) / 1000
+            if remaining <= 0.05:
+                session.close()
+                escrow = self.agreement.terms.escrow_id.hex()[:12]
+                raise JobLost(
+                    f"{self.advert.peer_id} was not reachable again within the grace period of "
+                    f"{self.config.grace}s ({err}); escrow {escrow} is refunded when it expires"
+                )
+            try:
+                with trio.fail_after(min(remaining, 5.0)):
+                    await self._reach()
+                return
+            except (P2PError, trio.TooSlowError):
+                await trio.sleep(min(delay, max(0.0, remaining - 0.05)))
+                delay = min(delay * 2, 1.0)
+
+    async def _reach(self) -> None:
+        node = self.node
+        if node.is_connected(self.advert.peer_id):
+            return
+        error: P2PError | None = None
+        for addr in self.advert.addrs:
+            try:
+                await node.connect(f"{addr}/p2p/{self.advert.peer_id}")
+                return
+            except P2PError as err:
+                error = err
+        raise error or PeerUnreachable(f"{self.advert.peer_id} has no address")
+
+    async def _connection(self) -> None:
+        session = self.session
+        async with self.node._rr.open_raw(self.advert.peer_id, JOB_PROTOCOL) as stream:
+            self.stats.connections += 1
+            try:
+                if session.state is State.SUSPENDED:
+                    session.resume(_now_ms())
+                    self.stats.resumes += 1
+                await self._write(stream)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._reader, stream, nursery.cancel_scope)
+                    nursery.start_soon(self._writer, stream)
+            finally:
+                self.stats.bytes_sent += stream.bytes_sent
+                self.stats.bytes_received += stream.bytes_received
+
+    async def _write(self, stream: RawStream) -> None:
+        async with self._wlock:
+            data = self.session.data_to_send()
+            if data:
+                await stream.write(data)
+
+    async def _writer(self, stream: RawStream) -> None:
+        session = self.session
+        while not self._input_done:
+            room = session.send_room
+            if room == 0 or session.state is not State.OPEN:
+                await self._room.wait()
+                self._room = trio.Event()
+                continue
+            data, last = await self.source.take(room)
+            if session.state is not State.OPEN:  # dropped while we waited for the input
+                raise ConnectionLost("the session was suspended")
+            session.send(data, final=last)
+            self.sent += len(data)
+            self._input_done = last
+            await self._write(stream)
+            self.report(
+                JobProgress("streaming", self.sent, self.total, self.received, self.stats.resumes)
+            )
+
+    async def _reader(self, stream: RawStream, scope: trio.CancelScope) -> None:
+        session = self.session
+        while True:
+            data = await stream.read(READ_SIZE)
+            if not data:
+                if session.done:
+                    scope.cancel()
+                    return
+                raise ConnectionLost(f"the job stream from {stream.peer_id} ended")
+            try:
+                events = session.receive_data(data, _now_ms())
+            except ProtocolViolation:
+                await self._write(stream)  # the Cancel telling the enclave why
+                raise
+            for event in events:
+                if isinstance(event, DataReceived):
+                    await self._plaintext(event.data, event.final)
+                elif isinstance(event, Acked):
+                    self._room.set()
+                else:  # HandshakeComplete, Resumed: the window is open again
+                    self._room.set()
+            await self._write(stream)
+            if session.done:
+                session.close()
+                scope.cancel()
+                return
+
+    async def _plaintext(self, data: bytes, final: bool) -> None:
+        for record in self.records.feed(data):
+            if isinstance(record, Output):
+                self.received += len(record.data)
+                self._hash.update(record.data)
+                await self.on_output(record.data)
+            elif isinstance(record, ReceiptRecord):
+                receipt = record.receipt
+                receipt.verify()
+                receipt.check_against(self.agreement.terms, self.last)
+                if receipt.bytes_out > self.received or receipt.bytes_in > self.sent:
+                    raise ProtocolViolation(
+                        "a receipt counts more bytes than were exchanged", reason="bad_receipt"
+                    )
+                self.last = receipt
+            elif isinstance(record, FailedRecord):
+                self.failure = record.failure
+        if final:
+            self.records.finish()
+        self.report(
+            JobProgress("streaming", self.sent, self.total, self.received, self.stats.resumes)
+        )
+
+
+def _check_bytes(name: str, value: object) -> None:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise UsageError(f"{name} must be bytes")
+
+
+__all__ = [
+    "JOB_PROTOCOL",
+    "JobExecutionFailed",
+    "JobLost",
+    "JobProgress",
+    "JobResult",
+    "JobService",
+    "StreamStats",
+]
