@@ -143,7 +143,7 @@ class MarketConfig:
     price: int = 1_000
     slots: int = 4
     tags: tuple[str, ...] = ()
-    max_input: int | None = None  # default: the enclave's input limit
+    max_input: int | None = None  # bytes per job; default 1 TiB (streaming jobs)
     advert_ttl: float = 60.0
     advert_interval: float = 1.0
     max_rounds: int = 4

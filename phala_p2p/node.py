@@ -190,10 +190,12 @@ class Node:
 
     def peers(self) -> list[str]:
         """Peer ids with an open connection."""
-        return [str(p) for p, conns in list(self.host.get_network().connections.items()) if conns]
+        return [
+            str(p) for p, conns in list(self.host.get_network().connections.items()) if _live(conns)
+        ]
 
     def is_connected(self, peer_id: str) -> bool:
-        return bool(self.host.get_network().connections.get(ID.from_base58(peer_id)))
+        return _live(self.host.get_network().connections.get(ID.from_base58(peer_id)))
 
     async def connect(self, addr: str) -> str:
         """Dial a full multiaddr (with ``/p2p/<id>``); returns the peer id."""
@@ -383,6 +385,15 @@ async def open_node(config: NodeConfig | None = None) -> AsyncIterator[Node]:
     finally:
         if node._chain is not None:
             node._chain.close()
+
+
+def _live(conns: Any) -> bool:
+    """Whether a swarm's connection list holds an open connection (py-libp2p may keep a
+    closed one listed for a while, and then opens no stream and dials nothing)."""
+    if not conns:
+        return False
+    items = conns if isinstance(conns, list | tuple) else [conns]
+    return any(not getattr(c, "is_closed", False) for c in items)
 
 
 def _open_chain(node: Node, config: NodeConfig) -> ChainService:

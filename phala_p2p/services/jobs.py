@@ -18,7 +18,8 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -177,7 +178,7 @@ class _Pieces:
         return data, self._exhausted and self._pos >= len(self._buf)
 
 
-async def _chain_source(*parts: bytes | AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+async def _chain_source(*parts: bytes | AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
     for part in parts:
         if isinstance(part, bytes | bytearray | memoryview):
             if part:
@@ -213,6 +214,14 @@ class JobService:
     # -- the miner's side: relay to the enclave ---------------------------------------------
 
     async def _serve(self, stream: RawStream) -> None:
+        try:
+            await self._relay(stream)
+        except EnclaveError as err:  # the enclave died or is stopping: the client resumes
+            logger.warning("job stream from %s: %s", stream.peer_id, err)
+            self._node.metrics.count("job_enclave_errors")
+            await stream.reset()
+
+    async def _relay(self, stream: RawStream) -> None:
         node = self._node
         tee = node.tee
         if tee is None or tee.enclave is None:
@@ -367,7 +376,7 @@ class JobService:
 
         result = await self.run_job_stream(
             module,
-            _chain_source(input),
+            bytes(input),
             input_size=len(input),
             on_output=keep,
             max_fuel=max_fuel,
@@ -382,7 +391,7 @@ class JobService:
     async def run_job_stream(
         self,
         module: bytes,
-        input: AsyncIterable[bytes],
+        input: bytes | AsyncIterable[bytes],
         *,
         input_size: int,
         on_output: Callable[[bytes], Awaitable[None]],
@@ -413,19 +422,14 @@ class JobService:
             advert, job_bytes=total, max_fuel=max_fuel, max_price=max_price, deadline=deadline
         )
         stats = StreamStats()
+        source = _chain_source(header, module, input)
         run = _ClientRun(
-            self,
-            advert,
-            agreement,
-            _Pieces(_chain_source(header, module, input).__aiter__()),
-            total,
-            on_output,
-            report,
-            stats,
+            self, advert, agreement, _Pieces(source), total, on_output, report, stats
         )
         left = agreement.terms.deadline_ms / 1000 - time.time()
-        with trio.move_on_after(max(1.0, left)) as scope:
-            final, failure = await run.stream()
+        async with aclosing(source):
+            with trio.move_on_after(max(1.0, left)) as scope:
+                final, failure = await run.stream()
         if scope.cancelled_caught:
             raise RequestTimeout(f"the job was not done by its deadline ({deadline}s)")
         if final.bytes_in != run.sent:
@@ -517,6 +521,7 @@ class _ClientRun:
         self._room = trio.Event()
         self._wlock = trio.Lock()
         self._input_done = False
+        self._stale = False
 
     def output_hash(self) -> bytes:
         return bytes(self._hash.digest())
@@ -529,6 +534,9 @@ class _ClientRun:
             except (ConnectionLost, PeerUnreachable, RequestTimeout, ProtocolNotSupported) as err:
                 if isinstance(err, JobLost):
                     raise
+                # a stream that cannot be opened on a connection we hold: that connection
+                # is on its way out (py-libp2p lists it until it is closed): dial afresh
+                self._stale = isinstance(err, PeerUnreachable)
                 await self._lost(err)
                 continue
             assert self.last is not None
@@ -570,7 +578,10 @@ class _ClientRun:
     async def _reach(self) -> None:
         node = self.node
         if node.is_connected(self.advert.peer_id):
-            return
+            if not self._stale:
+                return
+            await node.disconnect(self.advert.peer_id)
+        self._stale = False
         error: P2PError | None = None
         for addr in self.advert.addrs:
             try:
@@ -589,9 +600,12 @@ class _ClientRun:
                     session.resume(_now_ms())
                     self.stats.resumes += 1
                 await self._write(stream)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._reader, stream, nursery.cancel_scope)
-                    nursery.start_soon(self._writer, stream)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._reader, stream, nursery.cancel_scope)
+                        nursery.start_soon(self._writer, stream)
+                except BaseExceptionGroup as group:
+                    raise _one_error(group) from None
             finally:
                 self.stats.bytes_sent += stream.bytes_sent
                 self.stats.bytes_received += stream.bytes_received
@@ -670,6 +684,27 @@ class _ClientRun:
         self.report(
             JobProgress("streaming", self.sent, self.total, self.received, self.stats.resumes)
         )
+
+
+def _one_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a reader/writer pair reports: a peer's fault or a cancellation of the
+    session before a plain lost connection (the other task's view of the same drop)."""
+    leaves: list[BaseException] = []
+
+    def walk(err: BaseException) -> None:
+        if isinstance(err, BaseExceptionGroup):
+            for inner in err.exceptions:
+                walk(inner)
+        else:
+            leaves.append(err)
+
+    walk(group)
+    if not all(isinstance(err, P2PError) for err in leaves):
+        return group  # a bug, or trio's own cancellation: not ours to pick from
+    for err in leaves:
+        if not isinstance(err, ConnectionLost):
+            return err
+    return leaves[0]
 
 
 def _check_bytes(name: str, value: object) -> None:

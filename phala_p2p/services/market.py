@@ -124,6 +124,10 @@ class MarketPage:
     next: bytes = field(metadata={"max_len": 32})  # empty: the last page
 
 
+DEFAULT_MAX_JOB_INPUT = 1 << 40
+"""Bytes a miner takes per job unless ``[market] max_input`` says otherwise (1 TiB)."""
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -468,7 +472,9 @@ class MarketService:
         record = await self._wait_registered(info.identity_pub)
         fuel_per_s = int(await enclave.benchmark())
         limits = info.limits
-        max_input = min(limits.max_input, config.max_input or limits.max_input)
+        # Streaming jobs take input of any size with bounded memory; a job that needs its
+        # input whole is refused by the enclave above the executor's max_input.
+        max_input = config.max_input or DEFAULT_MAX_JOB_INPUT
         self.book = MinerBook(
             chain_id=node.chain.view.chain_id,
             enclave=info.identity_pub,

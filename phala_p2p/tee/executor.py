@@ -87,6 +87,9 @@ _I32: Final = wasmtime.ValType.i32()
 _I64: Final = wasmtime.ValType.i64()
 
 # The host functions that the job ABI grants (since v2), by (module, name), with their types.
+# For comparisons only: wasmtime binds a FuncType to the first engine that makes a host
+# function with it (and aborts the process if another engine uses it), so _host_imports makes
+# fresh copies for each store.
 GRANTED_IMPORTS: Final[dict[tuple[str, str], wasmtime.FuncType]] = {
     ("phala", "secret_len"): wasmtime.FuncType([_I32], [_I32]),
     ("phala", "secret_read"): wasmtime.FuncType([_I32, _I32], [_I32]),
@@ -655,15 +658,17 @@ def _host_imports(
             memory.write(caller, secret, start)
         return len(secret)
 
+    def fresh_type(name: tuple[str, str]) -> wasmtime.FuncType:
+        granted = GRANTED_IMPORTS[name]
+        return wasmtime.FuncType(list(granted.params), list(granted.results))
+
     funcs: list[wasmtime.Func] = []
     for imp in module.imports:
         name = (imp.module, imp.name)
         if name == ("phala", "secret_len"):
-            funcs.append(wasmtime.Func(store, GRANTED_IMPORTS[name], secret_len))
+            funcs.append(wasmtime.Func(store, fresh_type(name), secret_len))
         elif name == ("phala", "secret_read"):
-            funcs.append(
-                wasmtime.Func(store, GRANTED_IMPORTS[name], secret_read, access_caller=True)
-            )
+            funcs.append(wasmtime.Func(store, fresh_type(name), secret_read, access_caller=True))
         else:  # refused by _check_abi when the module was compiled
             raise InvalidModule(f"module imports {imp.module}.{imp.name}, which is not granted")
     return funcs
