@@ -24,6 +24,10 @@ BENCHES = [
     (["bench_market.py", "--only", "agreement"], 600),
     # the 20 miners, each node its own process (one process cannot carry 20)
     (["bench_market.py", "--only", "convergence", "--processes", "--rounds", "5"], 900),
+    # confidential jobs: each part in its own process and devnet (about 10 s, 30 s, 60 s)
+    (["bench_jobs.py", "--only", "handshake"], 300),
+    (["bench_jobs.py", "--only", "e2e"], 600),
+    (["bench_jobs.py", "--only", "throughput"], 900),
 ]
 
 if __name__ == "__main__":

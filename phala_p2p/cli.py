@@ -4,9 +4,20 @@
     phala-p2p node --config miner.toml
     phala-p2p keys new --data-dir ./mynode
     phala-p2p genesis new --out ./chain --gatekeepers 4   # genesis, keys, node configs
+    phala-p2p job run upper.wat --input in.txt --output out.txt --config client.toml
     phala-p2p devnet --peers 4            # the example launcher
 
-User mistakes end with one clear line on stderr and exit status 2; never a traceback.
+``job run MODULE --input FILE`` runs a WebAssembly job (a .wasm binary or .wat text) in a
+miner's enclave: it starts a client node (``--config``, or ``--bootstrap``, ``--genesis``,
+``--data-dir``, ``--wallet-key``), waits for the network (``--wait``, default 30 s), picks a
+miner (``--miner PEER_ID``, ``--max-price``), streams the input (``-`` for stdin) and writes the
+output as it arrives to ``--output FILE`` (renamed into place at the end: a failed job leaves no
+file) or to stdout. Progress and a summary go to stderr (``--quiet``: none); ``--json`` puts
+the summary on stdout as one JSON object (and so needs ``--output``).
+
+User mistakes end with one clear line on stderr and exit status 2; a job or network failure
+(the job failed in the enclave, no miner, the miner lost) with one line and status 1; never a
+traceback.
 """
 
 from __future__ import annotations
@@ -14,21 +25,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from phala_p2p.config import NodeConfig, Role
-from phala_p2p.errors import P2PError, UsageError
+from phala_p2p.errors import AttestationError, NegotiationFailed, P2PError, UsageError
 from phala_p2p.genesis_dir import DEFAULT_BALANCE, DEFAULT_STAKE, GenesisDir
 
 if TYPE_CHECKING:
     from phala_p2p.chain.block import Block
+    from phala_p2p.market.directory import Advert
+    from phala_p2p.node import Node
+    from phala_p2p.progress import ProgressView
+    from phala_p2p.services.jobs import JobExecutionFailed, JobProgress, JobResult
 
 logger = logging.getLogger("phala_p2p.cli")
 
@@ -98,6 +119,51 @@ def _parser() -> argparse.ArgumentParser:
     gnew.add_argument("--genesis-time", type=int, metavar="UNIX", help="default: now")
     gnew.add_argument("--force", action="store_true", help="replace an existing genesis.toml")
     gnew.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+
+    job = sub.add_parser("job", help="confidential jobs")
+    job_sub = job.add_subparsers(dest="job_command", required=True)
+    run = job_sub.add_parser(
+        "run",
+        help="run a WebAssembly job in a miner's enclave",
+        description="Start a client node, find a miner, run MODULE on the input in its "
+        "enclave, settle on chain, stop. The output goes to --output (written as it arrives "
+        "to a temporary name, renamed at the end) or to stdout; progress and the summary go "
+        "to stderr. Exit status: 0 done, 1 the job or the network failed, 2 a usage error.",
+    )
+    run.add_argument("module", type=Path, metavar="MODULE", help="a .wasm binary or .wat text")
+    run.add_argument("--input", required=True, metavar="FILE", help="the job's input; - for stdin")
+    run.add_argument("--output", type=Path, metavar="FILE", help="default: stdout")
+    run.add_argument(
+        "--input-size",
+        type=int,
+        metavar="BYTES",
+        help="for a pipe (stdin, a FIFO): at most this many bytes will come "
+        f"(default {DEFAULT_PIPE_LIMIT >> 30} GiB); a file's size is known",
+    )
+    run.add_argument(
+        "--max-fuel", type=int, default=DEFAULT_MAX_FUEL, metavar="N", help="default 10^9"
+    )
+    run.add_argument(
+        "--max-price", type=int, metavar="N", help="per million fuel; default: the miner's price"
+    )
+    run.add_argument("--miner", metavar="PEER_ID", help="default: the best-ranked miner")
+    run.add_argument(
+        "--deadline", type=float, default=300.0, metavar="S", help="seconds; default 300"
+    )
+    run.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for a bootstrap peer, the chain and a miner; default 30",
+    )
+    run.add_argument("--config", type=Path, help="the client's node config (TOML)")
+    run.add_argument("--bootstrap", action="append", metavar="ADDR", help="(repeatable)")
+    run.add_argument("--genesis", type=Path, metavar="FILE", help="the chain's genesis TOML")
+    run.add_argument("--data-dir", type=Path, metavar="DIR", help="the client's identity")
+    run.add_argument("--wallet-key", type=Path, metavar="FILE", help="the paying account's key")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    run.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
 
     devnet = sub.add_parser("devnet", help="start a local devnet (examples/launch.py)")
     devnet.add_argument("rest", nargs=argparse.REMAINDER)
@@ -345,6 +411,643 @@ async def _serve_stdin(node: Any, emit: Callable[[dict[str, Any]], None]) -> Non
     logger.info("control channel closed (stdin ended)")
 
 
+# -- job run ------------------------------------------------------------------------------
+
+PIECE: Final = 256 * 1024  # input is read, and sent, in pieces of this size
+DEFAULT_MAX_FUEL: Final = 1_000_000_000
+DEFAULT_PIPE_LIMIT: Final = 4 << 30  # bytes a pipe may carry when --input-size is not given
+PIPE_GATHER: Final = 0.05  # seconds a pipe's short reads are gathered into one piece
+MAX_DEADLINE: Final = 7 * 24 * 3600.0
+
+
+class _UserFault(UsageError):
+    """A user mistake found while the job runs (exit status 2)."""
+
+
+class _JobFailure(P2PError):
+    """The network, the miner or the local input/output failed the job (exit status 1)."""
+
+
+def _fail(message: str) -> None:
+    print(f"phala-p2p: error: {message}", file=sys.stderr, flush=True)
+
+
+class _Source:
+    """The job's input, an async iterator of pieces of at most PIECE bytes. A regular file
+    is read up to the size it had when opened (which the agreement is for); a pipe (stdin, a
+    FIFO) until its end, and it may carry at most ``limit`` bytes."""
+
+    def __init__(self, label: str, fd: int, size: int, size_known: bool) -> None:
+        self.label = label
+        self.size = size
+        self.size_known = size_known
+        self._fd: int | None = fd
+        self._stream: trio.lowlevel.FdStream | None = None
+        self.read = 0
+        self._eof = False
+
+    def __aiter__(self) -> _Source:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._eof:
+            raise StopAsyncIteration
+        try:
+            piece = await (self._read_file() if self.size_known else self._read_pipe())
+        except OSError as err:
+            raise _JobFailure(f"cannot read {self.label}: {err.strerror or err}") from err
+        if not piece:
+            self._eof = True
+            raise StopAsyncIteration
+        if self.read + len(piece) > self.size:
+            raise _UserFault(
+                f"{self.label} carries more than {self.size} bytes: "
+                "give an upper bound with --input-size"
+            )
+        self.read += len(piece)
+        return piece
+
+    async def _read_file(self) -> bytes:
+        assert self._fd is not None
+        want = min(PIECE, self.size - self.read)
+        if want <= 0:
+            return b""
+        data: bytes = await trio.to_thread.run_sync(os.read, self._fd, want)
+        return data
+
+    async def _read_pipe(self) -> bytes:
+        if self._stream is None:
+            assert self._fd is not None
+            self._stream, self._fd = trio.lowlevel.FdStream(self._fd), None
+        buf = bytearray(await self._stream.receive_some(PIECE))
+        if buf:  # gather what follows closely into one piece: fewer, fuller frames
+            with trio.move_on_after(PIPE_GATHER):
+                while len(buf) < PIECE:
+                    more = await self._stream.receive_some(PIECE - len(buf))
+                    if not more:
+                        self._eof = True  # after this piece
+                        break
+                    buf += more
+        return bytes(buf)
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()  # restores the fd's blocking mode
+            self._stream = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def close_now(self) -> None:
+        """Close without an event loop (the plan was refused before the job started)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _open_input(name: str, input_size: int | None) -> _Source:
+    label = "stdin" if name == "-" else name
+    try:
+        fd = os.dup(0) if name == "-" else os.open(name, os.O_RDONLY)
+    except FileNotFoundError as err:
+        raise UsageError(f"input file not found: {name}") from err
+    except OSError as err:
+        raise UsageError(f"cannot open {label}: {err.strerror or err}") from err
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise UsageError(f"input {name} is a directory")
+        if input_size is not None and input_size < 0:
+            raise UsageError("--input-size must be >= 0")
+        if stat.S_ISREG(info.st_mode):
+            size = info.st_size - os.lseek(fd, 0, os.SEEK_CUR)
+            if input_size is not None and input_size != size:
+                raise UsageError(f"--input-size is for pipes: {label} is a file of {size} bytes")
+            return _Source(label, fd, max(0, size), size_known=True)
+        size = DEFAULT_PIPE_LIMIT if input_size is None else input_size
+        return _Source(label, fd, size, size_known=False)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _Sink:
+    """Where the output goes as it arrives: a temporary file next to ``path``, renamed to
+    ``path`` by :meth:`commit` (so a failed job leaves no partial file), or stdout."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.written = 0
+        self._tmp: Path | None = None
+        self._file: Any = None
+        if path is None:
+            return
+        if path.is_dir():
+            raise UsageError(f"--output {path} is a directory")
+        parent = path.parent
+        if not parent.is_dir():
+            raise UsageError(f"--output {path}: directory {parent} does not exist")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".part")
+        except OSError as err:
+            raise UsageError(f"cannot write to {parent}: {err.strerror or err}") from err
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # the permissions a plain open() would give
+        self._tmp = Path(tmp)
+        self._file = os.fdopen(fd, "wb")
+
+    @property
+    def label(self) -> str:
+        return "stdout" if self.path is None else str(self.path)
+
+    async def write(self, data: bytes) -> None:
+        try:
+            if self._file is not None:
+                await trio.to_thread.run_sync(self._file.write, data)
+            else:
+                # Abandoned on cancel: a reader that stopped reading must not hold up the
+                # exit (see _write_in_thread).
+                await trio.to_thread.run_sync(  # type: ignore[call-arg]
+                    _write_stdout, data, abandon_on_cancel=True
+                )
+        except OSError as err:
+            raise _JobFailure(
+                f"cannot write the output to {self.label}: {err.strerror or err}"
+            ) from err
+        self.written += len(data)
+
+    async def commit(self) -> None:
+        """Make the output final: flush it to disk and give it its name."""
+        if self._file is None or self._tmp is None or self.path is None:
+            return
+        file, tmp, path = self._file, self._tmp, self.path
+
+        def finish() -> None:
+            file.flush()
+            os.fsync(file.fileno())
+            file.close()
+            os.replace(tmp, path)
+
+        try:
+            await trio.to_thread.run_sync(finish)
+        except OSError as err:
+            raise _JobFailure(f"cannot write the output to {path}: {err.strerror or err}") from err
+        self._file = self._tmp = None
+
+    def discard(self) -> None:
+        """Remove the temporary file of an output that was not committed."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+
+def _write_stdout(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _load_module(path: Path) -> bytes:
+    """The module's bytes (a .wat file compiled), checked as the executor checks it: it
+    compiles and follows the job ABI."""
+    from phala_p2p.errors import InvalidModule
+    from phala_p2p.jobs.payload import MAX_MODULE
+    from phala_p2p.tee.executor import WasmExecutor
+
+    try:
+        if path.stat().st_size > MAX_MODULE:
+            raise UsageError(f"module {path} is larger than {MAX_MODULE >> 20} MiB")
+        data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise UsageError(f"module not found: {path}") from err
+    except OSError as err:
+        raise UsageError(f"cannot read module {path}: {err.strerror or err}") from err
+    if not data.startswith(b"\0asm"):
+        if path.suffix == ".wasm":
+            raise UsageError(f"{path} is not a WebAssembly binary (no \\0asm header)")
+        data = _wat2wasm(path, data)
+    try:
+        WasmExecutor().compile(data)
+    except InvalidModule as err:
+        raise UsageError(f"{path}: {err}") from err
+    return data
+
+
+def _wat2wasm(path: Path, text: bytes) -> bytes:
+    import wasmtime
+
+    try:
+        return bytes(wasmtime.wat2wasm(text.decode()))
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is neither WebAssembly text nor a binary") from err
+    except wasmtime.WasmtimeError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        where = next((ln for ln in lines if ln.startswith("-->")), "")
+        at = where.rsplit(":", 2)[-2:] if where.count(":") >= 2 else []
+        loc = f":{at[0]}:{at[1]}" if len(at) == 2 else ""
+        first = lines[0] if lines else "not valid WebAssembly text"
+        raise UsageError(f"{path}{loc}: {first}") from err
+
+
+def _check_peer_id(peer_id: str) -> None:
+    import base58
+
+    try:
+        raw = base58.b58decode(peer_id)
+    except ValueError as err:
+        raise UsageError(f"--miner {peer_id!r} is not a peer id (base58)") from err
+    if len(raw) < 2 or raw[0] not in (0x00, 0x12) or len(raw) != 2 + raw[1]:
+        raise UsageError(f"--miner {peer_id!r} is not a peer id")
+
+
+def _job_config(args: argparse.Namespace) -> NodeConfig:
+    from phala_p2p.chain.params import Genesis
+    from phala_p2p.crypto.keyfile import read_identity
+
+    cfg = NodeConfig.from_toml(args.config) if args.config else NodeConfig(role=Role.CLIENT)
+    changes: dict[str, Any] = {}
+    if args.bootstrap:
+        changes["bootstrap"] = tuple(args.bootstrap)
+    if args.genesis:
+        changes["genesis"] = args.genesis
+    if args.data_dir:
+        changes["data_dir"] = args.data_dir
+    if args.wallet_key:
+        changes["wallet_key"] = args.wallet_key
+    cfg = cfg.with_(**changes) if changes else cfg
+    if cfg.role is not Role.CLIENT:
+        raise UsageError(f"job run starts a client node: {args.config} is a {cfg.role} config")
+    if cfg.genesis is None:
+        raise UsageError("job run needs the chain: set genesis in the config or pass --genesis")
+    Genesis.from_toml(cfg.genesis)
+    if not cfg.bootstrap:
+        raise UsageError("job run needs a bootstrap address: set bootstrap or pass --bootstrap")
+    if cfg.wallet_key is not None:
+        read_identity(cfg.wallet_key)
+    elif cfg.data_dir is None:
+        raise UsageError(
+            "nothing would pay for the job: set wallet_key (a funded account's key file) "
+            "or data_dir (whose identity's account pays)"
+        )
+    return cfg
+
+
+@dataclass
+class _JobPlan:
+    """Everything ``job run`` needs, checked before the node starts."""
+
+    config: NodeConfig
+    module: bytes
+    source: _Source
+    sink: _Sink
+    max_fuel: int
+    max_price: int | None
+    miner: str | None
+    deadline: float
+    wait: float
+    as_json: bool
+    quiet: bool
+
+
+def _job_plan(args: argparse.Namespace) -> _JobPlan:
+    as_json = bool(getattr(args, "json", False))
+    if as_json and args.output is None:
+        raise UsageError("--json prints the summary on stdout: give --output FILE for the output")
+    if args.max_fuel < 1:
+        raise UsageError("--max-fuel must be >= 1")
+    if args.max_price is not None and args.max_price < 0:
+        raise UsageError("--max-price must be >= 0")
+    if not 0 < args.deadline <= MAX_DEADLINE:
+        raise UsageError("--deadline must be in (0, 604800] seconds")
+    if not args.wait > 0:
+        raise UsageError("--wait must be > 0 seconds")
+    if args.miner is not None:
+        _check_peer_id(args.miner)
+    config = _job_config(args)
+    module = _load_module(args.module)
+    source = _open_input(args.input, args.input_size)
+    try:
+        sink = _Sink(args.output)
+    except BaseException:
+        source.close_now()
+        raise
+    return _JobPlan(
+        config=config,
+        module=module,
+        source=source,
+        sink=sink,
+        max_fuel=args.max_fuel,
+        max_price=args.max_price,
+        miner=args.miner,
+        deadline=args.deadline,
+        wait=args.wait,
+        as_json=as_json,
+        quiet=args.quiet,
+    )
+
+
+class _Status:
+    """Progress on stderr that never stalls the node: text waits in a small buffer (a bar
+    keeps only its newest state) that a task writes out in a thread."""
+
+    MAX_LINES: Final = 64
+
+    def __init__(self, view: ProgressView | None) -> None:
+        self.view = view
+        self._pending: list[str] = []
+        self._wake = trio.Event()
+        self._closing = False
+        self._done = trio.Event()
+
+    def note(self, text: str) -> None:
+        if self.view is not None:
+            self._post(self.view.note(text, trio.current_time()))
+
+    def progress(self, p: JobProgress) -> None:
+        if self.view is not None:
+            text = self.view.update(p, trio.current_time())
+            if text is not None:
+                self._post(text)
+
+    def _post(self, text: str) -> None:
+        assert self.view is not None
+        if self.view.tty:
+            self._pending = [text]
+        else:
+            self._pending.append(text)
+            del self._pending[: -self.MAX_LINES]
+        self._wake.set()
+
+    async def run(self) -> None:
+        try:
+            while not (self._closing and not self._pending):
+                if not self._pending:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    continue
+                text, self._pending = "".join(self._pending), []
+                await trio.to_thread.run_sync(  # type: ignore[call-arg]
+                    _write_stderr, text, abandon_on_cancel=True
+                )
+        finally:
+            self._done.set()
+
+    async def close(self) -> None:
+        """Write what is pending and end the bar's line (waits at most a second)."""
+        self._closing = True
+        self._wake.set()
+        with trio.move_on_after(1.0):
+            await self._done.wait()
+        if self.view is not None:
+            _write_stderr(self.view.finish())
+
+
+def _write_stderr(text: str) -> None:
+    if text:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+def _job_bytes(module: bytes, max_fuel: int, input_size: int) -> int:
+    """What the agreement counts: the job header, the module, the input."""
+    from phala_p2p.jobs.payload import JobSpec, job_header
+
+    header = job_header(JobSpec(module_len=len(module), max_fuel=max_fuel))
+    return len(header) + len(module) + input_size
+
+
+async def _await_network(node: Node, plan: _JobPlan, status: _Status) -> None:
+    """Until a bootstrap peer answered and the chain is synced (its head recent), within
+    ``plan.wait`` seconds."""
+    deadline = trio.current_time() + plan.wait
+    status.note("connecting to the network")
+    with trio.move_on_at(deadline):
+        await node.discovery.bootstrapped.wait()
+    if not node.discovery.bootstrapped.is_set():
+        addrs = ", ".join(plan.config.bootstrap)
+        raise _JobFailure(f"no bootstrap peer answered within {plan.wait:g}s ({addrs})")
+    chain = node.chain
+    status.note("syncing the chain")
+    params = chain.params
+    slack_ms = params.max_clock_drift_ms + 5 * params.block_time_ms
+    with trio.move_on_at(deadline):
+        while True:
+            await chain.sync_once()
+            if time.time() * 1000 - chain.head.time_ms <= slack_ms:
+                return
+            try:  # a new block, or another round of sync a second from now
+                await chain.wait_for_height(chain.head.height + 1, timeout=1.0)
+            except TimeoutError:
+                pass
+    age = time.time() - chain.head.time_ms / 1000
+    raise _JobFailure(
+        f"the chain did not sync within {plan.wait:g}s "
+        f"(at height {chain.head.height}, a block {age:.0f}s old)"
+    )
+
+
+async def _pick_miner(node: Node, plan: _JobPlan, job_bytes: int, status: _Status) -> Advert:
+    market = node.market
+    status.note("looking for a miner")
+    wait = plan.wait
+    if plan.miner is not None:
+        # A named miner is taken whatever its advert says: negotiation says why not.
+        with trio.move_on_after(wait):
+            await node.find_miners(timeout=wait)  # the first pull of adverts
+            while (advert := market.directory.by_peer(plan.miner)) is None:
+                with trio.move_on_after(1.0):
+                    await market.wait_for_change()
+            return advert
+        raise _JobFailure(
+            f"no advert of miner {plan.miner} within {wait:g}s "
+            f"({len(market.directory)} adverts known)"
+        )
+    found: list[Advert] = []
+    with trio.move_on_after(wait):
+        found = await node.find_miners(
+            wait=wait,
+            timeout=wait,
+            min_free_slots=1,
+            input_size=job_bytes,
+            fuel=plan.max_fuel,
+            max_price=plan.max_price,
+        )
+    if not found:
+        price = "" if plan.max_price is None else f" at {plan.max_price} per million fuel or less"
+        raise _JobFailure(
+            f"no miner with a free slot for {job_bytes} bytes and {plan.max_fuel} fuel{price} "
+            f"within {wait:g}s ({len(market.directory)} adverts known)"
+        )
+    return found[0]
+
+
+def _check_funds(node: Node, plan: _JobPlan, advert: Advert) -> None:
+    from phala_p2p.chain.settlement import cost
+
+    price = advert.price if plan.max_price is None else plan.max_price
+    escrow = max(1, cost(plan.max_fuel, price))
+    fees = 2 * node.chain.params.tx_fee  # the escrow and the settlement
+    balance = node.chain.state.balance(node.account)
+    if balance < escrow + fees:
+        raise _UserFault(
+            f"account {node.account.hex()[:16]}... holds {balance}: the escrow for "
+            f"{plan.max_fuel} fuel at {price} per million needs {escrow} and {fees} in fees "
+            "(lower --max-fuel or --max-price)"
+        )
+
+
+def _summary(
+    node: Node, plan: _JobPlan, result: JobResult, seconds: float,
+    failed: JobExecutionFailed | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    receipt, agreement = result.receipt, result.agreement
+    settled = node.chain.state.settlement(agreement.id)
+    out: dict[str, Any] = {
+        "event": "job",
+        "ok": failed is None,
+        "miner": result.miner,
+        "agreement_id": agreement.id.hex(),
+        "escrow_id": agreement.terms.escrow_id.hex(),
+        "price": agreement.terms.price,
+        "max_fuel": agreement.terms.max_fuel,
+        "fuel_used": receipt.fuel_used,
+        "bytes_in": receipt.bytes_in,
+        "bytes_out": receipt.bytes_out,
+        "output_hash": receipt.output_hash.hex(),
+        "output": None if plan.sink.path is None else str(plan.sink.path),
+        "settled": settled is not None,
+        "settlement_height": None if settled is None else settled.height,
+        "paid": None if settled is None else settled.paid,
+        "refunded": None if settled is None else settled.refunded,
+        "resumes": result.stats.resumes,
+        "seconds": round(seconds, 3),
+    }
+    if settled is None and result.settlement is not None and not result.settlement.ok:
+        out["settlement_error"] = result.settlement.error
+    if failed is not None:
+        out["error"] = failed.error
+        out["text"] = failed.text
+    return out
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from phala_p2p.progress import format_bytes
+
+    s = summary
+    head = "job done" if s["ok"] else f"job failed ({s['error']})"
+    if s["settled"]:
+        money = f"paid {s['paid']}, refunded {s['refunded']}, settled at height "
+        money += str(s["settlement_height"])
+    else:
+        money = "settlement pending" + (
+            f" (refused: {s['settlement_error']})" if "settlement_error" in s else ""
+        )
+    lines = [
+        f"{head} in {s['seconds']:.1f}s on miner {s['miner']}",
+        f"  agreement {s['agreement_id']} at {s['price']} per million fuel",
+        f"  fuel used {s['fuel_used']} of {s['max_fuel']}",
+        f"  bytes in {s['bytes_in']} ({format_bytes(s['bytes_in'])}), "
+        f"out {s['bytes_out']} ({format_bytes(s['bytes_out'])})"
+        + (f" to {s['output']}" if s["output"] else ""),
+        f"  {money}",
+    ]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+async def _job_on(node: Node, plan: _JobPlan, status: _Status) -> JobResult:
+    await _await_network(node, plan, status)
+    job_bytes = _job_bytes(plan.module, plan.max_fuel, plan.source.size)
+    advert = await _pick_miner(node, plan, job_bytes, status)
+    _check_funds(node, plan, advert)
+    status.note(f"miner {advert.peer_id} at {advert.price} per million fuel")
+    try:
+        return await node.run_job_stream(
+            plan.module,
+            plan.source,
+            input_size=plan.source.size,
+            on_output=plan.sink.write,
+            max_fuel=plan.max_fuel,
+            max_price=plan.max_price,
+            miner=advert,
+            deadline=plan.deadline,
+            progress=status.progress,
+        )
+    except NegotiationFailed as err:
+        raise _JobFailure(f"no agreement with miner {advert.peer_id}: {err}") from err
+    except AttestationError as err:
+        raise _JobFailure(f"miner {advert.peer_id} failed attestation: {err}") from err
+
+
+async def _run_job(plan: _JobPlan) -> int:
+    """Start the client node, run the job, stop; the exit status. Every expected failure is
+    one line on stderr; Ctrl-C (or SIGTERM) stops the job and exits with 130."""
+    from phala_p2p.node import open_node
+    from phala_p2p.progress import ProgressView
+    from phala_p2p.services.jobs import JobExecutionFailed
+
+    view = None
+    if not plan.quiet:
+        tty = sys.stderr.isatty()
+        width = shutil.get_terminal_size((80, 24)).columns
+        view = ProgressView(tty=tty, size_known=plan.source.size_known, width=width)
+    status = _Status(view)
+    started = time.monotonic()
+    summary: dict[str, Any] | None = None
+    error: str | None = None
+    code = 0
+    interrupted = False
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def stop_on_signal() -> None:
+                    nonlocal interrupted
+                    async for _sig in signals:
+                        interrupted = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(stop_on_signal)
+                nursery.start_soon(status.run)
+                try:
+                    async with open_node(plan.config) as node:
+                        try:
+                            result = await _job_on(node, plan, status)
+                            await plan.sink.commit()
+                            summary = _summary(node, plan, result, time.monotonic() - started)
+                        except JobExecutionFailed as err:
+                            summary = _summary(
+                                node, plan, err.result, time.monotonic() - started, err
+                            )
+                            code, error = 1, f"job failed: {err.error}: {err.text}"
+                        except UsageError as err:
+                            code, error = (2 if isinstance(err, _UserFault) else 1), str(err)
+                        except (P2PError, OSError, TimeoutError) as err:
+                            code, error = 1, str(err) or type(err).__name__
+                except (P2PError, OSError) as err:  # the node itself did not start
+                    code, error = 2, f"cannot start the client node: {err}"
+                await status.close()
+                nursery.cancel_scope.cancel()
+    finally:
+        plan.sink.discard()
+        with trio.CancelScope(shield=True):
+            await plan.source.aclose()
+    if interrupted:
+        _write_stderr(view.finish() if view is not None else "")
+        _fail("interrupted")
+        return 130
+    if summary is not None and plan.as_json:
+        print(json.dumps(summary), flush=True)
+    elif summary is not None and not plan.quiet and summary["ok"]:
+        _print_summary(summary)
+    if error is not None:
+        _fail(error)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
@@ -365,6 +1068,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(out) if args.json else f"peer id {out['peer_id']}")
         elif args.command == "genesis":
             _print_genesis(_genesis_new(args), args.json)
+        elif args.command == "job":
+            return int(trio.run(_run_job, _job_plan(args)))
         elif args.command == "devnet":
             launcher = Path(__file__).resolve().parent.parent / "examples" / "launch.py"
             if not launcher.exists():

@@ -123,8 +123,8 @@ class JobsConfig:
                 raise UsageError(f"[jobs] {name} must be a positive number of seconds")
         if self.grace > 86_400:
             raise UsageError("[jobs] grace must be at most one day")
-        if not isinstance(self.window, int) or not 1 <= self.window <= 1024:
-            raise UsageError("[jobs] window must be in 1..1024")
+        if not isinstance(self.window, int) or not 1 <= self.window <= 32:
+            raise UsageError("[jobs] window must be in 1..32 (what an enclave holds for it)")
         if not isinstance(self.chunk_size, int) or not 1024 <= self.chunk_size <= 1_048_512:
             raise UsageError("[jobs] chunk_size must be in 1024..1048512")
 

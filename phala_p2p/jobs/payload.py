@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from phala_p2p.errors import ProtocolViolation, UsageError
+from phala_p2p.jobs.errors import InboundTooLarge
 from phala_p2p.market.receipt import JobReceipt
 from phala_p2p.wire.codec import decode, encode, message
 
@@ -203,9 +204,8 @@ class SpecReader:
                 return b""
             spec = decode(bytes(self._buf[_U32.size : _U32.size + size]), expect=JobSpec)
             if spec.module_len > self._max_module:
-                raise ProtocolViolation(
-                    f"a module of {spec.module_len} bytes is above {self._max_module}",
-                    reason="too_large",
+                raise InboundTooLarge(
+                    f"a module of {spec.module_len} bytes is above {self._max_module}"
                 )
             self.spec = spec
             del self._buf[: _U32.size + size]

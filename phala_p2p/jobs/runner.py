@@ -35,7 +35,8 @@ from phala_p2p.jobs.errors import (
     SessionExpired,
     WrongAgreement,
 )
-from phala_p2p.jobs.framing import Frame, FrameDecoder, FrameType
+from phala_p2p.jobs.framing import Frame, FrameDecoder, FrameType, decode_frame
+from phala_p2p.jobs.messages import ClientHello
 from phala_p2p.jobs.payload import (
     JobFailed,
     RecordType,
@@ -51,6 +52,9 @@ from phala_p2p.wire.codec import encode
 DEFAULT_RECEIPT_EVERY: Final = 16 << 20
 """Input bytes between two intermediate receipts."""
 MAX_AGREEMENTS: Final = 4096
+MAX_DEFERRED: Final = 33
+"""Unopened client chunks the enclave holds while its output waits: a client's window is at
+most 32 (``protocols/job.md``), and one more may be in flight behind an acknowledgement."""
 """Agreements remembered (to refuse a second run of one, and never reuse a receipt seq)."""
 
 
@@ -138,7 +142,7 @@ class _Run:
         for frame in frames:
             if frame.type is FrameType.CHUNK and (self.deferred or self.blocked):
                 self.deferred.append(frame)
-                if len(self.deferred) > self.session.config.window + 1:
+                if len(self.deferred) > MAX_DEFERRED:
                     raise ProtocolViolation(
                         "the client sent past its window", reason="window_exceeded"
                     )
@@ -206,8 +210,10 @@ class _Run:
 
     def _input(self, data: bytes) -> None:
         if self.stream is not None:
-            self._output(self.stream.feed(data))
-            self.fuel_used = self.stream.fuel_used
+            step = int(self.jobs.executor.limits.max_input)  # the most one feed takes
+            for start in range(0, len(data), step):
+                self._output(self.stream.feed(data[start : start + step]))
+                self.fuel_used = self.stream.fuel_used
             return
         assert self.whole is not None
         if len(self.whole) + len(data) > int(self.jobs.executor.limits.max_input):
@@ -237,7 +243,7 @@ class _Run:
         elif type(err).__name__ == "FuelExhausted":
             self.fuel_used = self.fuel
         self.whole = None
-        failed = JobFailed(error=type(err).__name__[:64], text=str(err)[:500])
+        failed = JobFailed(error=type(err).__name__[:64], text=_failure_text(err))
         self.pending += encode_record(RecordType.FAILED, encode(failed))
         self._receipt(final=True)
 
@@ -348,7 +354,6 @@ class EnclaveJobs:
         """A connection's first bytes (a ClientHello, or a Resume, and maybe more), with the
         agreement the hello names (the host looks it up; None for a Resume). A refusal comes
         back as a Step with ``closed`` set and the refusal in ``out``."""
-        self.expire(now_ms)
         decoder = FrameDecoder()
         try:
             frames = decoder.feed(data)
@@ -358,7 +363,13 @@ class EnclaveJobs:
                 )
             first, rest = frames[0], frames[1:]
             if first.type is FrameType.CLIENT_HELLO:
-                if agreement is None:
+                self.expire(now_ms)
+                hello = decode_frame(first)
+                if (
+                    agreement is None
+                    or not isinstance(hello, ClientHello)
+                    or hello.agreement_id != agreement.id
+                ):
                     raise WrongAgreement("this enclave serves no such agreement")
                 state = self._admit(agreement)
                 if state.session_id is not None and state.session_id in self._runs:
@@ -371,6 +382,7 @@ class EnclaveJobs:
                 run = _Run(self, session, state)
                 self._runs[session.session_id] = run
             else:
+                # before any sweep: a resume that comes too late is told so (session_expired)
                 session = self._table.open(first, now_ms)
                 found = self._runs.get(session.session_id)
                 if found is None:  # the table and the runs always agree; be safe
@@ -380,6 +392,7 @@ class EnclaveJobs:
                 run.deferred.clear()
                 run.generation = session.generation
         except (ProtocolViolation, SessionExpired) as err:
+            self.expire(now_ms)
             return Step(out=refusal(err), closed=True, error=f"{_reason(err)}: {err}")
         run.decoder = decoder  # it may hold the start of the next frame
         return self._step(run, rest, now_ms)
@@ -449,8 +462,14 @@ class EnclaveJobs:
         return out
 
     def expire(self, now_ms: int) -> list[bytes]:
-        """Drop the sessions past their grace period (their jobs are abandoned)."""
+        """Drop the sessions past their grace period (their jobs are abandoned), and those
+        closed since (a resume refused as too late closes its session)."""
         gone = self._table.expire(now_ms)
+        gone += [
+            sid
+            for sid, run in self._runs.items()
+            if run.session.state is State.CLOSED and sid not in gone
+        ]
         for sid in gone:
             self._drop(sid)
         return gone
@@ -466,6 +485,12 @@ class EnclaveJobs:
     def receipts_of(self, session_id: bytes) -> list[JobReceipt]:
         run = self._runs.get(session_id)
         return list(run.receipts) if run is not None else []
+
+
+def _failure_text(err: ExecutionError) -> str:
+    """The error's message, cut so that its FAILED record fits MAX_FAILED whatever characters
+    it holds (it may quote the client's module): 500 characters and 800 UTF-8 bytes at most."""
+    return str(err).encode("utf-8", "replace")[:800].decode("utf-8", "ignore")[:500]
 
 
 def _reason(err: BaseException) -> str:

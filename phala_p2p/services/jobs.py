@@ -63,6 +63,7 @@ from phala_p2p.market.negotiation import Agreement
 from phala_p2p.market.receipt import CoSignedReceipt, JobReceipt, settle_body
 from phala_p2p.net.streams import RawStream
 from phala_p2p.services.chain import Receipt
+from phala_p2p.tee.enclave import Enclave, JobStep
 from phala_p2p.wire.codec import decode, encode
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ logger = logging.getLogger(__name__)
 
 JOB_PROTOCOL: Final = "/phala/job/1.0.0"
 READ_SIZE: Final = 1 << 20
+RELAY_QUEUE: Final = 4
 FIRST_FRAME_TIMEOUT: Final = 10.0
 MAX_KEPT: Final = 4096
 _EXECUTION_ERRORS: Final[dict[str, type[ExecutionError]]] = {
@@ -215,7 +217,10 @@ class JobService:
 
     async def _serve(self, stream: RawStream) -> None:
         try:
-            await self._relay(stream)
+            try:
+                await self._relay(stream)
+            except BaseExceptionGroup as group:
+                raise _one_error(group) from None
         except EnclaveError as err:  # the enclave died or is stopping: the client resumes
             logger.warning("job stream from %s: %s", stream.peer_id, err)
             self._node.metrics.count("job_enclave_errors")
@@ -232,23 +237,60 @@ class JobService:
             return
         node.metrics.count("job_connections")
         step = await enclave.job_open(first, agreement)
-        session_id, generation = step.session_id, step.generation
-        while True:
-            self._took(step)
+        self._took(step)
+        if step.closed:
             await stream.write(step.out)
-            if step.closed:
-                if step.error:
-                    logger.info("job connection from %s ended: %s", stream.peer_id, step.error)
-                return
+            if step.error:
+                logger.info("job connection from %s refused: %s", stream.peer_id, step.error)
+            return
+        # Two tasks, so that reading the client and the enclave's work overlap with writing
+        # the enclave's answers (which the client's flow control may hold up); the queue
+        # between them is short, so a slow client slows the reading down.
+        send, receive = trio.open_memory_channel[bytes](RELAY_QUEUE)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_out, stream, receive)
+            async with send:
+                await send.send(step.out)
+                await self._feed_enclave(enclave, stream, step, send)
+
+    async def _feed_enclave(
+        self,
+        enclave: Enclave,
+        stream: RawStream,
+        opened: JobStep,
+        send: trio.MemorySendChannel[bytes],
+    ) -> None:
+        session_id, generation = opened.session_id, opened.generation
+        while True:
             try:
                 data = await stream.read(READ_SIZE)
             except ConnectionLost:
                 data = b""
             if not data:
                 await enclave.job_lost(session_id, generation)
-                node.metrics.count("job_connections_lost")
+                self._node.metrics.count("job_connections_lost")
                 return
             step = await enclave.job_data(session_id, generation, data)
+            self._took(step)
+            try:
+                await send.send(step.out)
+            except trio.BrokenResourceError:
+                return  # the writer failed: the connection is gone
+            if step.closed:
+                if step.error:
+                    logger.info("job connection from %s ended: %s", stream.peer_id, step.error)
+                return
+
+    async def _write_out(
+        self, stream: RawStream, receive: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
+        async with receive:
+            async for data in receive:
+                try:
+                    await stream.write(data)
+                except ConnectionLost:
+                    await stream.reset()  # the reader then sees the end and tells the enclave
+                    return
 
     async def _first_frame(self, stream: RawStream) -> tuple[bytes | None, bytes]:
         """The connection's first whole frame (and what came with it), and for a hello the
@@ -356,6 +398,7 @@ class JobService:
         miner: Advert | str | None = None,
         deadline: float = 300.0,
         progress: Progress | None = None,
+        settle: bool = True,
     ) -> JobResult:
         """Run ``module`` on ``input`` in a miner's enclave and return its output.
 
@@ -363,9 +406,10 @@ class JobService:
         takes the job), attests it, negotiates an agreement for at most ``max_fuel`` fuel at
         no more than ``max_price`` per million (default: the advertised price) with an escrow
         on chain, streams the job over an encrypted session, checks the enclave's receipts,
-        co-signs the final one and settles. Raises JobExecutionFailed if the job failed in the
-        enclave (its fuel is settled), JobLost if the miner stays unreachable past the grace
-        period, JobCancelled if the enclave cancelled, and the market's typed errors.
+        co-signs the final one and settles (unless ``settle`` is False). Raises
+        JobExecutionFailed if the job failed in the enclave (its fuel is settled), JobLost
+        if the miner stays unreachable past the grace period, JobCancelled if the enclave
+        cancelled, and the market's typed errors.
         """
         _check_bytes("module", module)
         _check_bytes("input", input)
@@ -384,6 +428,7 @@ class JobService:
             miner=miner,
             deadline=deadline,
             progress=progress,
+            settle=settle,
         )
         result.output = bytes(output)
         return result
@@ -400,12 +445,17 @@ class JobService:
         miner: Advert | str | None = None,
         deadline: float = 300.0,
         progress: Progress | None = None,
+        settle: bool = True,
     ) -> JobResult:
         """The streaming form of :meth:`run_job`: ``input`` yields the input in pieces
         (``input_size`` bytes in all, at most: the agreement is for that many), each piece of
         output is handed to ``await on_output(data)`` as it arrives, and ``progress`` is called
         with a :class:`JobProgress` as the job moves. Memory stays bounded by the session's
-        window whatever the sizes (the module is held whole: it is at most a few MiB)."""
+        window whatever the sizes (the module is held whole: it is at most a few MiB).
+
+        With ``settle=False`` the client leaves the settlement to the operator (who settles
+        with the enclave's final receipt after ``[jobs] settle_after``); ``result.receipt``
+        is co-signed all the same, so either party can settle it later."""
         _check_bytes("module", module)
         if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 0:
             raise UsageError("input_size must be an int >= 0")
@@ -443,7 +493,7 @@ class JobService:
             )
         cosigned = CoSignedReceipt.sign(final, self._node.chain.signer)
         report(JobProgress("settling", run.sent, total, run.received, stats.resumes))
-        settlement = await self._settle(agreement, cosigned)
+        settlement = await self._settle(agreement, cosigned) if settle else None
         report(JobProgress("done", run.sent, total, run.received, stats.resumes))
         result = JobResult(b"", cosigned, advert.peer_id, agreement, settlement, stats)
         self._node.metrics.count("jobs_run", failed=str(failure is not None).lower())

@@ -4,6 +4,7 @@ connection, and gets clear errors when the job fails or the miner dies."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,131 @@ async def test_miner_crash_gives_a_clear_error_and_the_escrow_comes_back() -> No
             120,
             message="escrow refunded",
         )
+
+
+async def test_settlement_lands_after_the_partition_heals() -> None:
+    """The client finishes its job cut off from every gatekeeper: its settlement stays
+    pending (re-sent), and lands, moving balances by exactly the settled amount, once the
+    partition heals."""
+
+    def configure(i: int, cfg: NodeConfig) -> NodeConfig:
+        return cfg.with_(jobs=JobsConfig(grace=10.0, settle_timeout=2.0, settle_after=600.0))
+
+    async with open_devnet(
+        gatekeepers=1, miners=1, clients=1, seed=65, chain_params=FAST, configure=configure
+    ) as net:
+        client, miner, keeper = net.clients[0], net.miners[0], net.gatekeepers[0]
+        await client.find_miners(wait=60)
+        operator_before = keeper.chain.state.balance(miner.account)
+        cut = trio.Event()
+
+        def on_progress(p: JobProgress) -> None:
+            if p.phase == "streaming" and not cut.is_set():
+                cut.set()
+                net.partition([keeper, net.bootstrap], [miner, client])
+
+        data = b"partitioned " * 500
+        result = await client.run_job(
+            wasm("uppercase.wat"), data, max_fuel=10**8, progress=on_progress
+        )
+        assert cut.is_set()
+        assert result.output == data.upper()
+        assert result.settlement is None  # no gatekeeper to finalize it
+        assert keeper.chain.state.settlement(result.agreement.id) is None
+        await net.heal()
+        settled = await _wait_settled(keeper, result.agreement.id)
+        paid = cost(result.receipt.fuel_used, result.agreement.terms.price)
+        assert settled.paid == paid
+        assert keeper.chain.state.balance(miner.account) == operator_before + paid
+
+
+async def _wait_settled(node, agreement_id):  # type: ignore[no-untyped-def]
+    await wait_until(
+        lambda: node.chain.state.settlement(agreement_id) is not None, 60, message="settled"
+    )
+    return node.chain.state.settlement(agreement_id)
+
+
+async def test_operator_settles_when_the_client_does_not() -> None:
+    """A client that does not settle does not keep the miner from being paid: the operator
+    settles with the enclave's final receipt."""
+
+    def configure(i: int, cfg: NodeConfig) -> NodeConfig:
+        return cfg.with_(jobs=JobsConfig(grace=10.0, settle_timeout=1.0, settle_after=1.0))
+
+    async with open_devnet(
+        gatekeepers=1, miners=1, clients=1, seed=66, chain_params=FAST, configure=configure
+    ) as net:
+        client, miner, keeper = net.clients[0], net.miners[0], net.gatekeepers[0]
+        await client.find_miners(wait=60)
+        result = await client.run_job(
+            wasm("uppercase.wat"), b"x" * 100, max_fuel=10**8, settle=False
+        )
+        assert result.settlement is None
+        settled = await _wait_settled(keeper, result.agreement.id)
+        assert settled.seq == result.receipt.receipt.seq  # the enclave's final receipt
+        assert settled.fuel_used == result.receipt.fuel_used
+        assert settled.paid == cost(result.receipt.fuel_used, result.agreement.terms.price)
+        # the miner's own view of its transaction follows the gatekeeper's by a block
+        await wait_until(
+            lambda: miner.metrics.snapshot()["counters"].get("jobs_settled_by_operator[ok=true]")
+            == 1,
+            20,
+            message="the operator's settlement counted",
+        )
+
+
+GIB = 1 << 30
+
+
+@pytest.mark.slow
+async def test_a_gib_streams_through_with_bounded_memory() -> None:
+    """1 GiB in and 1 GiB out through the enclave: the client's and miner's process (one
+    here) and the enclave's process stay far below the payload in memory."""
+    psutil = pytest.importorskip("psutil")
+
+    async with open_devnet(
+        gatekeepers=1, miners=1, clients=1, seed=67, chain_params=FAST, configure=_fast_jobs
+    ) as net:
+        client, miner = net.clients[0], net.miners[0]
+        await client.find_miners(wait=60)
+        assert miner.tee is not None
+        assert miner.tee.enclave is not None
+        enclave_pid = miner.tee.enclave.pid  # type: ignore[attr-defined]
+        here, enclave = psutil.Process(), psutil.Process(enclave_pid)
+        base = (here.memory_info().rss, enclave.memory_info().rss)
+        peak = list(base)
+        piece = bytes(range(256)) * 4096  # 1 MiB, sent 1024 times
+        received = 0
+        digest_in, digest_out = hashlib.sha256(), hashlib.sha256()
+
+        async def source():  # type: ignore[no-untyped-def]
+            for _ in range(GIB // len(piece)):
+                digest_in.update(piece)
+                yield piece
+
+        async def sink(data: bytes) -> None:
+            nonlocal received
+            received += len(data)
+            digest_out.update(data)
+
+        def sample(p: JobProgress) -> None:
+            peak[0] = max(peak[0], here.memory_info().rss)
+            peak[1] = max(peak[1], enclave.memory_info().rss)
+
+        result = await client.run_job_stream(
+            wasm("stream_echo.wat"),
+            source(),
+            input_size=GIB,
+            on_output=sink,
+            max_fuel=10**10,
+            deadline=1800.0,
+            progress=sample,
+        )
+        assert received == GIB
+        assert digest_out.digest() == digest_in.digest()
+        assert result.receipt.bytes_out == GIB
+        growth = [peak[0] - base[0], peak[1] - base[1]]
+        print(f"peak RSS growth: nodes {growth[0] >> 20} MiB, enclave {growth[1] >> 20} MiB")
+        assert growth[0] < 256 << 20, growth  # a quarter of the payload, at most
+        assert growth[1] < 256 << 20, growth
