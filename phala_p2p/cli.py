@@ -435,7 +435,13 @@ def _fail(message: str) -> None:
 class _Source:
     """The job's input, an async iterator of pieces of at most PIECE bytes. A regular file
     is read up to the size it had when opened (which the agreement is for); a pipe (stdin, a
-    FIFO) until its end, and it may carry at most ``limit`` bytes."""
+    FIFO) until its end, and it may carry at most ``size`` bytes.
+
+    A read is shielded from cancellation until :meth:`abort`: the job service cancels its
+    writer when a connection drops, and a cancellation that lands in a read would end the
+    generator it wraps our pieces in, so that after the resume the input would look finished
+    (the job silently runs on a truncated input). Shielded, the read completes and its piece
+    goes into the session, which resends what was not acknowledged."""
 
     def __init__(self, label: str, fd: int, size: int, size_known: bool) -> None:
         self.label = label
@@ -445,17 +451,33 @@ class _Source:
         self._stream: trio.lowlevel.FdStream | None = None
         self.read = 0
         self._eof = False
+        self._aborted = False
+        self._reading: trio.CancelScope | None = None
 
     def __aiter__(self) -> _Source:
         return self
 
+    def abort(self) -> None:
+        """Let a read in progress be cancelled (the job is being stopped)."""
+        self._aborted = True
+        if self._reading is not None:
+            self._reading.cancel()
+
     async def __anext__(self) -> bytes:
         if self._eof:
             raise StopAsyncIteration
+        if self._aborted:
+            raise _JobFailure(f"reading {self.label} was stopped")
+        self._reading = trio.CancelScope(shield=True)
         try:
-            piece = await (self._read_file() if self.size_known else self._read_pipe())
+            with self._reading:
+                piece = await (self._read_file() if self.size_known else self._read_pipe())
         except OSError as err:
             raise _JobFailure(f"cannot read {self.label}: {err.strerror or err}") from err
+        finally:
+            self._reading = None
+        if self._aborted:
+            raise _JobFailure(f"reading {self.label} was stopped")
         if not piece:
             self._eof = True
             raise StopAsyncIteration
@@ -957,12 +979,18 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
-async def _job_on(node: Node, plan: _JobPlan, status: _Status) -> JobResult:
+async def _abort_after(source: _Source, seconds: float) -> None:
+    await trio.sleep(seconds)
+    source.abort()  # a read that waits on a stalled pipe must not outlive the deadline
+
+
+async def _job_on(node: Node, plan: _JobPlan, status: _Status, nursery: trio.Nursery) -> JobResult:
     await _await_network(node, plan, status)
     job_bytes = _job_bytes(plan.module, plan.max_fuel, plan.source.size)
     advert = await _pick_miner(node, plan, job_bytes, status)
     _check_funds(node, plan, advert)
     status.note(f"miner {advert.peer_id} at {advert.price} per million fuel")
+    nursery.start_soon(_abort_after, plan.source, plan.deadline + 5.0)
     try:
         return await node.run_job_stream(
             plan.module,
@@ -1007,6 +1035,7 @@ async def _run_job(plan: _JobPlan) -> int:
                     nonlocal interrupted
                     async for _sig in signals:
                         interrupted = True
+                        plan.source.abort()
                         nursery.cancel_scope.cancel()
                         return
 
@@ -1015,7 +1044,7 @@ async def _run_job(plan: _JobPlan) -> int:
                 try:
                     async with open_node(plan.config) as node:
                         try:
-                            result = await _job_on(node, plan, status)
+                            result = await _job_on(node, plan, status, nursery)
                             await plan.sink.commit()
                             summary = _summary(node, plan, result, time.monotonic() - started)
                         except JobExecutionFailed as err:
@@ -1033,6 +1062,7 @@ async def _run_job(plan: _JobPlan) -> int:
                 nursery.cancel_scope.cancel()
     finally:
         plan.sink.discard()
+        plan.source.abort()
         with trio.CancelScope(shield=True):
             await plan.source.aclose()
     if interrupted:

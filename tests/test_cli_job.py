@@ -5,6 +5,7 @@ network's). The progress display is tested on its own with literal times."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -201,20 +202,26 @@ async def test_failures_are_one_line_with_status_1(tmp_path: Path) -> None:
         stderr = bytearray()
         async with trio.lowlevel.FdStream(write_end) as feed, trio.open_nursery() as nursery:
 
+            async def produce() -> None:  # a producer that never ends its input
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while True:
+                        await feed.send_all(bytes(64 << 10))
+
             async def drain_stderr() -> None:
                 assert proc.stderr is not None
                 async for chunk in proc.stderr:
                     stderr.extend(chunk)
 
+            nursery.start_soon(produce)
             nursery.start_soon(drain_stderr)
             with trio.fail_after(30):
-                await feed.send_all(bytes(64 << 10))
                 echoed = await proc.stdout.receive_some()  # the job is streaming
                 assert echoed
                 await net.stop(miner)
                 async for _ in proc.stdout:
                     pass
                 await proc.wait()
+            nursery.cancel_scope.cancel()
         assert proc.returncode == 1
         line = stderr.decode()
         assert line.count("\n") == 1, line

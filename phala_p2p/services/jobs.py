@@ -74,6 +74,7 @@ logger = logging.getLogger(__name__)
 JOB_PROTOCOL: Final = "/phala/job/1.0.0"
 READ_SIZE: Final = 1 << 20
 RELAY_QUEUE: Final = 4
+ENCLAVE_BATCH: Final = 2 << 20
 FIRST_FRAME_TIMEOUT: Final = 10.0
 MAX_KEPT: Final = 4096
 _EXECUTION_ERRORS: Final[dict[str, type[ExecutionError]]] = {
@@ -246,40 +247,62 @@ class JobService:
         # Two tasks, so that reading the client and the enclave's work overlap with writing
         # the enclave's answers (which the client's flow control may hold up); the queue
         # between them is short, so a slow client slows the reading down.
+        reads_in, reads_out = trio.open_memory_channel[bytes](RELAY_QUEUE)
         send, receive = trio.open_memory_channel[bytes](RELAY_QUEUE)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_out, stream, receive)
-            async with send:
+            async with send, trio.open_nursery() as reading:
+                reading.start_soon(self._read_in, stream, reads_in)
                 await send.send(step.out)
-                await self._feed_enclave(enclave, stream, step, send)
+                await self._feed_enclave(enclave, stream, step, reads_out, send)
+                reading.cancel_scope.cancel()
+            # the writer drains what is queued (the last chunks, a Cancel), then ends
+
+    async def _read_in(self, stream: RawStream, out: trio.MemorySendChannel[bytes]) -> None:
+        """Read the client's bytes ahead of the enclave (b"" at the end of the stream)."""
+        async with out:
+            while True:
+                try:
+                    data = await stream.read(READ_SIZE)
+                except ConnectionLost:
+                    data = b""
+                await out.send(data)
+                if not data:
+                    return
 
     async def _feed_enclave(
         self,
         enclave: Enclave,
         stream: RawStream,
         opened: JobStep,
+        reads: trio.MemoryReceiveChannel[bytes],
         send: trio.MemorySendChannel[bytes],
     ) -> None:
         session_id, generation = opened.session_id, opened.generation
-        while True:
-            try:
-                data = await stream.read(READ_SIZE)
-            except ConnectionLost:
-                data = b""
-            if not data:
-                await enclave.job_lost(session_id, generation)
-                self._node.metrics.count("job_connections_lost")
-                return
-            step = await enclave.job_data(session_id, generation, data)
-            self._took(step)
-            try:
-                await send.send(step.out)
-            except trio.BrokenResourceError:
-                return  # the writer failed: the connection is gone
-            if step.closed:
-                if step.error:
-                    logger.info("job connection from %s ended: %s", stream.peer_id, step.error)
-                return
+        ended = False
+        while not ended:
+            # everything read meanwhile goes in one call: fewer round trips to the enclave
+            batch = [await reads.receive()]
+            while batch[-1] and sum(map(len, batch)) < ENCLAVE_BATCH:
+                try:
+                    batch.append(reads.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            ended = not batch[-1]
+            data = b"".join(batch)
+            if data:
+                step = await enclave.job_data(session_id, generation, data)
+                self._took(step)
+                try:
+                    await send.send(step.out)
+                except trio.BrokenResourceError:
+                    break  # the writer found the connection gone
+                if step.closed:
+                    if step.error:
+                        logger.info("job connection from %s ended: %s", stream.peer_id, step.error)
+                    return
+        await enclave.job_lost(session_id, generation)
+        self._node.metrics.count("job_connections_lost")
 
     async def _write_out(
         self, stream: RawStream, receive: trio.MemoryReceiveChannel[bytes]
