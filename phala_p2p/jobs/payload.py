@@ -130,6 +130,7 @@ class RecordDecoder:
     def __init__(self) -> None:
         self._buf = bytearray()
         self.final_seen = False
+        self.failed = False
 
     @property
     def buffered(self) -> int:
@@ -163,13 +164,24 @@ class RecordDecoder:
         return out
 
     def _record(self, kind: RecordType, payload: bytes) -> Record:
+        if self.failed and kind is not RecordType.RECEIPT:
+            raise ProtocolViolation(
+                f"a {kind.name} record after FAILED (only the final receipt may follow)",
+                reason="bad_record",
+            )
         if kind is RecordType.OUTPUT:
             return Output(payload)
         if kind is RecordType.RECEIPT:
             receipt = decode(payload, max_size=MAX_RECEIPT, expect=JobReceipt)
+            if self.failed and not receipt.final:
+                raise ProtocolViolation(
+                    "an intermediate receipt after FAILED", reason="bad_record"
+                )
             self.final_seen = receipt.final
             return ReceiptRecord(receipt)
-        return FailedRecord(decode(payload, max_size=MAX_FAILED, expect=JobFailed))
+        failed = FailedRecord(decode(payload, max_size=MAX_FAILED, expect=JobFailed))
+        self.failed = True
+        return failed
 
     def finish(self) -> None:
         """The enclave's stream ended: it must have ended on the final receipt."""

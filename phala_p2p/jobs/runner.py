@@ -52,10 +52,10 @@ from phala_p2p.wire.codec import encode
 DEFAULT_RECEIPT_EVERY: Final = 16 << 20
 """Input bytes between two intermediate receipts."""
 MAX_AGREEMENTS: Final = 4096
+"""Agreements remembered (to refuse a second run of one, and never reuse a receipt seq)."""
 MAX_DEFERRED: Final = 33
 """Unopened client chunks the enclave holds while its output waits: a client's window is at
 most 32 (``protocols/job.md``), and one more may be in flight behind an acknowledgement."""
-"""Agreements remembered (to refuse a second run of one, and never reuse a receipt seq)."""
 
 
 class StreamRun(Protocol):
@@ -127,7 +127,8 @@ class _Run:
         self.whole: bytearray | None = None
         self.fuel = 0
         self.fuel_used = 0
-        self.bytes_in = 0
+        self.bytes_in = 0  # plaintext the job took (the receipts' bytes_in)
+        self.received = 0  # plaintext the client sent
         self.bytes_out = 0
         self.hash = hashlib.blake2b(digest_size=32)
         self.last_receipt_at = 0
@@ -152,14 +153,17 @@ class _Run:
 
     @property
     def blocked(self) -> bool:
-        """Output waits for room: open no more of the client's chunks."""
-        return bool(self.pending)
+        """A whole chunk of output (or the end) waits for room: open no more of the client's
+        chunks. Less than a chunk waits for more output, to fill the chunk."""
+        chunk = self.session.outbound.chunk_size if self.session.outbound is not None else 1
+        return len(self.pending) >= chunk or (self.final_queued and not self.final_sent)
 
     def pump(self, now_ms: int) -> None:
         self._flush()
         while self.deferred and not self.blocked and self.session.state is State.OPEN:
             self._frame(self.deferred.pop(0), now_ms)
-            self._flush()
+        # nothing more to open now: what output is left goes out, whole chunk or not
+        self._flush(partial=True)
 
     def _frame(self, frame: Frame, now_ms: int) -> None:
         for event in self.session.receive_frames([frame], now_ms):
@@ -168,13 +172,14 @@ class _Run:
         self._flush()
 
     def _data(self, data: bytes, final: bool) -> None:
-        if self.final_queued:
-            return
-        self.bytes_in += len(data)
-        if self.bytes_in > self.agreement.terms.job_bytes:
+        self.received += len(data)  # what the client sent, counted even after a failure
+        if self.received > self.agreement.terms.job_bytes:
             raise InboundTooLarge(
                 f"the job sent more than the {self.agreement.terms.job_bytes} bytes agreed"
             )
+        if self.final_queued:
+            return
+        self.bytes_in += len(data)
         try:
             rest = self.reader.feed(data)
             if self.reader.complete and self.stream is None and self.whole is None:
@@ -278,8 +283,10 @@ class _Run:
 
     # -- output --------------------------------------------------------------------------
 
-    def _flush(self) -> None:
-        """Hand pending records to the session as far as its window allows."""
+    def _flush(self, *, partial: bool = False) -> None:
+        """Hand pending records to the session as far as its window allows: whole chunks
+        only, unless ``partial`` or the final receipt is pending (a record's few header bytes
+        must not make a chunk of their own)."""
         session = self.session
         while (self.pending or (self.final_queued and not self.final_sent)) and (
             session.state is State.OPEN
@@ -288,6 +295,11 @@ class _Run:
             if room == 0:
                 return
             take = min(room, len(self.pending))
+            if not partial and not self.final_queued:
+                chunk = session.outbound.chunk_size if session.outbound is not None else 1
+                take -= take % chunk
+                if take == 0:
+                    return
             last = self.final_queued and take == len(self.pending)
             session.send(bytes(self.pending[:take]), final=last)
             del self.pending[:take]
@@ -402,8 +414,12 @@ class EnclaveJobs:
         for. A stale generation (the session moved to a newer connection) gets ``closed``."""
         self.expire(now_ms)
         run = self._runs.get(session_id)
-        if run is None or run.generation != generation:
+        if run is None or run.generation != generation or run.session.state is State.SUSPENDED:
             return Step(closed=True, session_id=session_id, error="the session moved on or ended")
+        if now_ms >= run.agreement.terms.deadline_ms:
+            text = "the agreement's deadline passed"
+            out = self.cancel(session_id, int(CancelCode.DEADLINE), text)
+            return Step(out=out, closed=True, session_id=session_id, error=f"deadline: {text}")
         return self._step(run, data, now_ms)
 
     def _step(self, run: _Run, data: bytes | list[Frame], now_ms: int) -> Step:

@@ -496,16 +496,15 @@ class JobService:
         )
         stats = StreamStats()
         source = _chain_source(header, module, input)
-        run = _ClientRun(
-            self, advert, agreement, _Pieces(source), total, on_output, report, stats
-        )
+        run = _ClientRun(self, advert, agreement, _Pieces(source), total, on_output, report, stats)
         left = agreement.terms.deadline_ms / 1000 - time.time()
         async with aclosing(source):
             with trio.move_on_after(max(1.0, left)) as scope:
                 final, failure = await run.stream()
         if scope.cancelled_caught:
             raise RequestTimeout(f"the job was not done by its deadline ({deadline}s)")
-        if final.bytes_in != run.sent:
+        # a job that failed took only the input before its failure
+        if final.bytes_in > run.sent or (failure is None and final.bytes_in != run.sent):
             raise ProtocolViolation(
                 f"the final receipt counts {final.bytes_in} bytes in; we sent {run.sent}",
                 reason="bad_receipt",
@@ -581,9 +580,7 @@ class _ClientRun:
         self.stats = stats
         self.session = ClientJobSession.for_agreement(
             agreement,
-            JobConfig(
-                chunk_size=cfg.chunk_size, window=cfg.window, grace_ms=int(cfg.grace * 1000)
-            ),
+            JobConfig(chunk_size=cfg.chunk_size, window=cfg.window, grace_ms=int(cfg.grace * 1000)),
         )
         self.records = RecordDecoder()
         self.last: JobReceipt | None = None

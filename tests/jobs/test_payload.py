@@ -128,15 +128,38 @@ def test_output_is_cut_into_records_of_at_most_one_mib() -> None:
 record_strategy = st.one_of(
     st.binary(min_size=1, max_size=300).map(Output),
     st.sampled_from(RECEIPTS).map(ReceiptRecord),
-    st.builds(JobFailed, error=st.text(max_size=64), text=st.text(max_size=100)).map(FailedRecord),
 )
+failed_strategy = st.builds(
+    JobFailed, error=st.text(max_size=64), text=st.text(max_size=100)
+).map(FailedRecord)
 
 
-@given(st.lists(record_strategy, max_size=12), st.lists(st.integers(min_value=0), max_size=20))
-def test_records_round_trip_under_any_split(records: list[Record], cuts: list[int]) -> None:
-    stream = [*records, ReceiptRecord(FINAL)]
+@given(
+    st.lists(record_strategy, max_size=12),
+    st.lists(failed_strategy, max_size=1),
+    st.lists(st.integers(min_value=0), max_size=20),
+)
+def test_records_round_trip_under_any_split(
+    records: list[Record], failed: list[Record], cuts: list[int]
+) -> None:
+    stream = [*records, *failed, ReceiptRecord(FINAL)]
     data = b"".join(encoded(r) for r in stream)
     assert decode_all(split(data, cuts)) == stream
+
+
+@pytest.mark.parametrize("after", ["output", "failed", "intermediate receipt"])
+def test_only_the_final_receipt_may_follow_failed(after: str) -> None:
+    following = {
+        "output": Output(b"late"),
+        "failed": FailedRecord(JobFailed(error="Trap", text="again")),
+        "intermediate receipt": ReceiptRecord(RECEIPTS[0]),
+    }[after]
+    assert not RECEIPTS[0].final
+    decoder = RecordDecoder()
+    decoder.feed(encoded(FailedRecord(JobFailed(error="Trap", text="t"))))
+    with pytest.raises(ProtocolViolation) as err:
+        decoder.feed(encoded(following))
+    assert err.value.reason == "bad_record"
 
 
 def test_a_largest_record_split_byte_by_byte_near_its_edges() -> None:
