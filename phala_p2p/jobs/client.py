@@ -6,6 +6,7 @@ import hmac
 
 import nacl.utils
 
+from phala_p2p.chain.tx import Signer
 from phala_p2p.crypto.identity import PUBLIC_KEY_SIZE
 from phala_p2p.crypto.kx import EphemeralKey
 from phala_p2p.errors import ProtocolViolation, UsageError
@@ -24,6 +25,7 @@ from phala_p2p.jobs.keys import (
     RESUME_OK_LABEL,
     Direction,
     SessionKeys,
+    client_hello_statement,
     enclave_hello_valid,
     handshake_transcript,
 )
@@ -55,6 +57,7 @@ class ClientJobSession(JobSession):
         *,
         session_id: bytes | None = None,
         ephemeral: EphemeralKey | None = None,
+        client: Signer | None = None,
     ) -> None:
         if not isinstance(agreement_id, bytes) or len(agreement_id) != AGREEMENT_ID_LEN:
             raise UsageError(f"agreement_id must be {AGREEMENT_ID_LEN} bytes")
@@ -64,18 +67,23 @@ class ClientJobSession(JobSession):
         super().__init__(sid, agreement_id, config or JobConfig())
         self._enclave_key = enclave_key
         self._ephemeral: EphemeralKey | None = ephemeral or EphemeralKey.generate()
+        pub = self._ephemeral.public_key
+        sig = b"" if client is None else client.sign(client_hello_statement(agreement_id, sid, pub))
         self._hello = ClientHello(
-            agreement_id=agreement_id, session_id=sid, client_pub=self._ephemeral.public_key
+            agreement_id=agreement_id, session_id=sid, client_pub=pub, client_sig=sig
         )
         self._attempt = 0
         self._outbox.append(encode_frame(self._hello))
 
     @classmethod
     def for_agreement(
-        cls, agreement: Agreement, config: JobConfig | None = None
+        cls, agreement: Agreement, config: JobConfig | None = None, *, client: Signer | None = None
     ) -> ClientJobSession:
-        """A session under ``agreement``, with the enclave identity it names."""
-        return cls(agreement.id, agreement.terms.enclave, config)
+        """A session under ``agreement``, with the enclave identity it names; ``client`` (the
+        agreement's client account) signs the hello, as an enclave that runs jobs requires."""
+        if client is not None and client.public_key != agreement.terms.client:
+            raise UsageError("the hello is signed by the agreement's client account")
+        return cls(agreement.id, agreement.terms.enclave, config, client=client)
 
     @property
     def holds_ephemeral_key(self) -> bool:

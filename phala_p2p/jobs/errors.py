@@ -85,6 +85,13 @@ class BadEnclaveSignature(HandshakeFailed):
     default_reason = "bad_signature"
 
 
+class NotTheClient(HandshakeFailed):
+    """The ClientHello is not signed by the agreement's client account: whoever sent it
+    (the relaying miner itself, say) may not spend the client's escrow."""
+
+    default_reason = "not_the_client"
+
+
 class WrongAgreement(HandshakeFailed):
     """The hello names another agreement, or one this enclave does not serve."""
 
@@ -179,6 +186,7 @@ __all__ = [
     "HandshakeFailed",
     "InboundTooLarge",
     "JobCancelled",
+    "NotTheClient",
     "ReplayedHello",
     "ResumeRefused",
     "SessionClosed",

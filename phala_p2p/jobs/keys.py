@@ -35,6 +35,7 @@ from phala_p2p.wire.codec import encode
 
 PROTOCOL_ID: Final = "/phala/job/1.0.0"
 HELLO_CONTEXT: Final = b"phala/job/enclave-hello/v1\x00"
+CLIENT_HELLO_CONTEXT: Final = b"phala/job/client-hello/v1\x00"
 TRANSCRIPT_LABEL: Final = b"phala/job/transcript/v1"
 STREAM_CONTEXT: Final = b"phala/job/stream/v1\x00"
 ACK_LABEL: Final = b"ack"
@@ -76,6 +77,24 @@ def hello_statement(
         + _need("client_pub", client_pub, KEY_LEN)
         + _need("enclave_pub", enclave_pub, KEY_LEN)
     )
+
+
+def client_hello_statement(agreement_id: bytes, session_id: bytes, client_pub: bytes) -> bytes:
+    """What the agreement's client account signs to open a session of it."""
+    return (
+        CLIENT_HELLO_CONTEXT
+        + _need("agreement_id", agreement_id, AGREEMENT_ID_LEN)
+        + _need("session_id", session_id, SESSION_ID_LEN)
+        + _need("client_pub", client_pub, KEY_LEN)
+    )
+
+
+def client_hello_valid(hello: ClientHello, client_account: bytes) -> bool:
+    """Whether ``client_account`` signed ``hello`` (an empty signature is not valid)."""
+    if not hello.client_sig:
+        return False
+    statement = client_hello_statement(hello.agreement_id, hello.session_id, hello.client_pub)
+    return verify_signature(client_account, statement, hello.client_sig)
 
 
 def sign_enclave_hello(signer: Signer, hello: ClientHello, enclave_pub: bytes) -> EnclaveHello:

@@ -54,11 +54,17 @@ class ClientHello:
     agreement_id: bytes = field(metadata={"max_len": AGREEMENT_ID_LEN})
     session_id: bytes = field(metadata={"max_len": SESSION_ID_LEN})
     client_pub: bytes = field(metadata={"max_len": KEY_LEN})
+    client_sig: bytes = field(default=b"", metadata={"max_len": SIGNATURE_LEN})
+    """The agreement's client account's signature of the client-hello statement: only the
+    client that pays may open its agreement's session (empty: unsigned, refused by an
+    enclave that runs jobs)."""
 
     def __post_init__(self) -> None:
         _exact("agreement_id", self.agreement_id, AGREEMENT_ID_LEN)
         _exact("session_id", self.session_id, SESSION_ID_LEN)
         _exact("client_pub", self.client_pub, KEY_LEN)
+        if len(self.client_sig) not in (0, SIGNATURE_LEN):
+            raise UsageError(f"client_sig must be empty or {SIGNATURE_LEN} bytes")
 
 
 @message(421)

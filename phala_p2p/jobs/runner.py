@@ -31,11 +31,13 @@ from phala_p2p.jobs.errors import (
     CancelCode,
     InboundTooLarge,
     JobCancelled,
+    NotTheClient,
     SessionClosed,
     SessionExpired,
     WrongAgreement,
 )
 from phala_p2p.jobs.framing import Frame, FrameDecoder, FrameType, decode_frame
+from phala_p2p.jobs.keys import client_hello_valid
 from phala_p2p.jobs.messages import ClientHello
 from phala_p2p.jobs.payload import (
     JobFailed,
@@ -384,6 +386,8 @@ class EnclaveJobs:
                 ):
                     raise WrongAgreement("this enclave serves no such agreement")
                 state = self._admit(agreement)
+                if not client_hello_valid(hello, agreement.terms.client):
+                    raise NotTheClient("the hello is not signed by the agreement's client")
                 if state.session_id is not None and state.session_id in self._runs:
                     old = self._runs[state.session_id]
                     if old.bytes_in or old.session.state is State.OPEN:

@@ -581,6 +581,7 @@ class _ClientRun:
         self.session = ClientJobSession.for_agreement(
             agreement,
             JobConfig(chunk_size=cfg.chunk_size, window=cfg.window, grace_ms=int(cfg.grace * 1000)),
+            client=self.node.chain.signer,
         )
         self.records = RecordDecoder()
         self.last: JobReceipt | None = None

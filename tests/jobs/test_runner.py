@@ -201,7 +201,7 @@ class Harness:
         self.jobs = jobs
         self.agreement = agreement
         self.source = source
-        self.client = ClientJobSession.for_agreement(agreement, config)
+        self.client = ClientJobSession.for_agreement(agreement, config, client=CLIENT)
         self.records = RecordDecoder()
         self.keep_output = keep_output
         self.output = bytearray()
@@ -567,7 +567,7 @@ def _refused(h: Harness) -> tuple[Step, JobCancelled]:
 )
 def test_a_hello_is_refused(agreement: Agreement | None, code: CancelCode, reason: str) -> None:
     jobs = enclave_jobs()
-    client = ClientJobSession(bytes([0x07]) * 32, ENCLAVE.public_key, SMALL)
+    client = ClientJobSession(bytes([0x07]) * 32, ENCLAVE.public_key, SMALL, client=CLIENT)
     step = jobs.open(client.data_to_send(), agreement, NOW)
     assert step.closed
     assert step.error.startswith(f"{reason}: ")
@@ -580,13 +580,30 @@ def test_a_hello_is_refused(agreement: Agreement | None, code: CancelCode, reaso
     assert reason in info.value.text
 
 
+@pytest.mark.parametrize("signer", [None, OTHER_ENCLAVE], ids=["unsigned", "not-the-client"])
+def test_only_the_agreements_client_opens_its_session(signer: Identity | None) -> None:
+    """The relaying miner knows the agreement, but cannot run a job on the client's escrow."""
+    jobs = enclave_jobs()
+    agreement = make_agreement()
+    client = ClientJobSession(agreement.id, ENCLAVE.public_key, SMALL, client=signer)
+    step = jobs.open(client.data_to_send(), agreement, NOW)
+    assert step.closed
+    assert step.error.startswith("not_the_client: ")
+    assert len(jobs) == 0
+    with pytest.raises(JobCancelled) as info:
+        client.receive_data(step.out, NOW)
+    assert info.value.code == CancelCode.PROTOCOL_ERROR
+    # the agreement is not spent: its client can still run it
+    assert Harness(jobs, agreement, Source(wasm("echo"), [b"x"])).run().done
+
+
 def test_a_hello_for_another_agreement_than_the_one_given_is_refused() -> None:
     """The host looks the agreement up by the hello's id; the runner checks it did."""
     jobs = enclave_jobs()
     mine, other = make_agreement(), make_agreement(OTHER_AGREEMENT_ID)
     first = Harness(jobs, other, Source(wasm("echo"), [b"x"]))
     assert first.run().done  # ``other`` is known to the runner, and finished
-    client = ClientJobSession.for_agreement(other, SMALL)
+    client = ClientJobSession.for_agreement(other, SMALL, client=CLIENT)
     step = jobs.open(client.data_to_send(), mine, NOW)
     assert step.closed
     assert step.error.startswith("wrong_agreement: ")
