@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -157,13 +156,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to wait for a bootstrap peer, the chain and a miner; default 30",
     )
-    run.add_argument("--config", type=Path, help="the client's node config (TOML)")
+    run.add_argument("--config", type=Path, metavar="FILE", help="the client's node config")
     run.add_argument("--bootstrap", action="append", metavar="ADDR", help="(repeatable)")
     run.add_argument("--genesis", type=Path, metavar="FILE", help="the chain's genesis TOML")
     run.add_argument("--data-dir", type=Path, metavar="DIR", help="the client's identity")
     run.add_argument("--wallet-key", type=Path, metavar="FILE", help="the paying account's key")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
-    run.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    run.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="the summary as one JSON object on stdout (also for a job that failed in the "
+        "enclave: its fuel is settled); needs --output",
+    )
 
     devnet = sub.add_parser("devnet", help="start a local devnet (examples/launch.py)")
     devnet.add_argument("rest", nargs=argparse.REMAINDER)
@@ -559,7 +564,6 @@ class _Sink:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.written = 0
         self._tmp: Path | None = None
         self._file: Any = None
         if path is None:
@@ -597,7 +601,6 @@ class _Sink:
             raise _JobFailure(
                 f"cannot write the output to {self.label}: {err.strerror or err}"
             ) from err
-        self.written += len(data)
 
     async def commit(self) -> None:
         """Make the output final: flush it to disk and give it its name."""
@@ -922,9 +925,15 @@ def _check_funds(node: Node, plan: _JobPlan, advert: Advert) -> None:
 
 
 def _summary(
-    node: Node, plan: _JobPlan, result: JobResult, seconds: float,
+    node: Node,
+    plan: _JobPlan,
+    result: JobResult,
+    seconds: float,
     failed: JobExecutionFailed | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
+    """The job as ``--json`` prints it (and the text summary says it): who ran it, the
+    agreement, the co-signed receipt's counts, and the settlement as this node's chain has it
+    (``settled`` False while it is pending)."""
     receipt, agreement = result.receipt, result.agreement
     settled = node.chain.state.settlement(agreement.id)
     out: dict[str, Any] = {
@@ -976,6 +985,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         + (f" to {s['output']}" if s["output"] else ""),
         f"  {money}",
     ]
+    if s["resumes"]:
+        lines.append(f"  resumed {s['resumes']} time{'s' if s['resumes'] > 1 else ''}")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
@@ -1019,7 +1030,10 @@ async def _run_job(plan: _JobPlan) -> int:
     view = None
     if not plan.quiet:
         tty = sys.stderr.isatty()
-        width = shutil.get_terminal_size((80, 24)).columns
+        try:
+            width = os.get_terminal_size(sys.stderr.fileno()).columns if tty else 80
+        except OSError:
+            width = 80
         view = ProgressView(tty=tty, size_known=plan.source.size_known, width=width)
     status = _Status(view)
     started = time.monotonic()

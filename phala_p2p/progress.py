@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 TTY_INTERVAL: Final = 0.1  # seconds between redraws of the bar
 PLAIN_INTERVAL: Final = 2.0  # seconds between plain lines (a phase change prints at once)
 RATE_WINDOW: Final = 3.0  # seconds of samples the rate is measured over
-BAR_WIDTH: Final = 24
+BAR_WIDTH: Final = 20
 CLEAR_LINE: Final = "\r\x1b[K"
 
 
@@ -89,24 +89,30 @@ class ProgressView:
         return (sent1 - sent0) / (t1 - t0)
 
     def describe(self, p: JobProgress, now: float) -> str:
+        """``p`` in words: compact for the bar (``streaming [####----]  40% 25.8 MiB/64.0
+        MiB 31.8 MiB/s out 25.1 MiB``), spelled out for a line."""
         parts = [p.phase]
         if p.phase in ("streaming", "settling", "done"):
+            sent = format_bytes(p.sent)
             if self.size_known and p.total:
                 pct = min(100, p.sent * 100 // p.total)
                 if self.tty:
                     filled = pct * BAR_WIDTH // 100
                     parts.append("[" + "#" * filled + "-" * (BAR_WIDTH - filled) + "]")
-                parts.append(f"{pct:3d}%")
-                parts.append(f"sent {format_bytes(p.sent)} of {format_bytes(p.total)}")
+                    parts.append(f"{pct:3d}% {sent}/{format_bytes(p.total)}")
+                else:
+                    parts.append(f"{pct:3d}%")
+                    parts.append(f"sent {sent} of {format_bytes(p.total)}")
             else:
-                parts.append(f"sent {format_bytes(p.sent)}")
+                parts.append(sent if self.tty else f"sent {sent}")
             rate = self.rate(now) if p.phase == "streaming" else None
             if rate is not None:
                 parts.append(f"{rate / (1 << 20):.1f} MiB/s")
-            parts.append(f"received {format_bytes(p.received)}")
+            received = format_bytes(p.received)
+            parts.append(f"out {received}" if self.tty else f"received {received}")
             if p.resumes:
                 parts.append(f"resumed {p.resumes}x")
-        return "  ".join(parts) if self.tty else ", ".join(parts)
+        return " ".join(parts) if self.tty else ", ".join(parts)
 
     def _sample(self, now: float, sent: int) -> None:
         if self._samples and sent < self._samples[-1][1]:

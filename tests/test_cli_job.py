@@ -5,13 +5,12 @@ network's). The progress display is tested on its own with literal times."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from phala_p2p.testing import Devnet, derive_identity, devnet_genesis, open_devn
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = ROOT / "examples" / "jobs"
 CLI = [sys.executable, "-m", "phala_p2p.cli"]
+PIECE = cli.PIECE
 
 
 @asynccontextmanager
@@ -139,9 +139,64 @@ async def test_runs_a_job_from_files_and_from_stdin_and_pays_exactly(tmp_path: P
         assert f"out {len(payload)} " in err
         assert "settled at height" in err
         assert "Traceback" not in err
+        paid = int(err.split("  paid ", 1)[1].split(",")[0])
         height = int(err.rsplit("settled at height ", 1)[1].split()[0])
         await boot.chain.wait_for_height(height, timeout=20)
-        assert state.balance(boot.account) < after - 2 * fee
+        assert state.balance(boot.account) == after - paid - 2 * fee
+
+
+async def test_a_cut_connection_resumes_and_loses_no_input(tmp_path: Path) -> None:
+    """The miner cuts the connection while the client waits for its (piped) input: the job
+    resumes and runs on the whole input. (A read cancelled by the cut must not end the input:
+    the job service would then finish the job on what it had, with matching receipts.)"""
+    async with devnet(tmp_path, seed=73) as (net, config):
+        miner = net.miners[0]
+        piece = bytes(range(256)) * 256  # 64 KiB
+        read_end, write_end = os.pipe()
+        proc = await trio.lowlevel.open_process(
+            [*CLI, "job", "run", str(JOBS / "stream_echo.wat"), "--input", "-",
+             "--config", str(config)],
+            stdin=read_end, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        os.close(read_end)
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        stdout, stderr = bytearray(), bytearray()
+        cut = trio.Event()
+        async with trio.lowlevel.FdStream(write_end) as feed, trio.open_nursery() as nursery:
+
+            async def produce() -> None:  # half the input; the rest once the cut is made
+                for _ in range(32):
+                    await feed.send_all(piece)
+                await cut.wait()
+                with suppress(trio.BrokenResourceError):  # (if the job ended early)
+                    for _ in range(32):
+                        await feed.send_all(piece)
+                await feed.aclose()
+
+            async def drain_stderr() -> None:
+                assert proc.stderr is not None
+                async for chunk in proc.stderr:
+                    stderr.extend(chunk)
+
+            nursery.start_soon(produce)
+            nursery.start_soon(drain_stderr)
+            with trio.fail_after(40):
+                async for chunk in proc.stdout:
+                    stdout.extend(chunk)
+                    if len(stdout) >= (2 << 20) - PIECE and not cut.is_set():
+                        ours = {n.peer_id for n in net.all_nodes}
+                        for peer in miner.peers():
+                            if peer not in ours:  # the CLI's client node
+                                await miner.disconnect(peer)
+                        cut.set()
+                await proc.wait()
+        err = stderr.decode()
+        assert proc.returncode == 0, err
+        assert cut.is_set()
+        assert "  resumed 1 time" in err
+        assert len(stdout) == 64 * len(piece)  # the whole input ran, not what came before
+        assert bytes(stdout) == piece * 64
 
 
 async def test_failures_are_one_line_with_status_1(tmp_path: Path) -> None:
@@ -187,6 +242,15 @@ async def test_failures_are_one_line_with_status_1(tmp_path: Path) -> None:
         assert f"no agreement with miner {net.miners[0].peer_id}: " in line
         assert "above max_price 1" in line
 
+        # More fuel than the account could ever pay for: the user's mistake, found before
+        # anything is spent.
+        done = await job_run(
+            JOBS / "echo.wat", "--input", empty, "--config", config, "--quiet",
+            "--miner", net.miners[0].peer_id, "--max-fuel", 10**18,
+        )  # fmt: skip
+        assert done.returncode == 2
+        assert f"account {boot.account.hex()[:16]}... holds " in error_line(done)
+
         # The miner dies while the job streams (stdin stays open): once the grace period
         # has passed the client gives up, with one line that names the miner.
         miner = net.miners[0]
@@ -203,7 +267,7 @@ async def test_failures_are_one_line_with_status_1(tmp_path: Path) -> None:
         async with trio.lowlevel.FdStream(write_end) as feed, trio.open_nursery() as nursery:
 
             async def produce() -> None:  # a producer that never ends its input
-                with contextlib.suppress(trio.BrokenResourceError):
+                with suppress(trio.BrokenResourceError):
                     while True:
                         await feed.send_all(bytes(64 << 10))
 
@@ -248,46 +312,48 @@ def offline_config(tmp_path: Path) -> Path:
     return config
 
 
+MISTAKES = [
+    # (argv, with {dir} the test's folder and {cfg} a client config; what the line says)
+    ("echo.wat --input {dir}/nope --config {cfg}", "input file not found: "),
+    ("echo.wat --input {dir} --config {cfg}", "is a directory"),
+    ("{dir}/no.wat --input {dir}/in.txt --config {cfg}", "module not found: "),
+    ("{dir}/bad.wat --input {dir}/in.txt --config {cfg}", "bad.wat:3:1: expected `)`"),
+    ("{dir}/types.wat --input {dir}/in.txt --config {cfg}", "module does not compile"),
+    ("{dir}/empty.wat --input {dir}/in.txt --config {cfg}", "must export a linear memory"),
+    ("{dir}/x.wasm --input {dir}/in.txt --config {cfg}", "not a WebAssembly binary"),
+    ("echo.wat --input {dir}/in.txt --config {cfg} --json", "give --output FILE"),
+    ("echo.wat --input {dir}/in.txt --config {cfg} --output {dir}/d/o", "does not exist"),
+    ("echo.wat --input {dir}/in.txt --config {cfg} --miner hello", "is not a peer id"),
+    ("echo.wat --input {dir}/in.txt --config {cfg} --max-fuel 0", "--max-fuel must be"),
+    ("echo.wat --input {dir}/in.txt --config {cfg} --input-size 9", "for pipes"),
+    ("echo.wat --input {dir}/in.txt", "needs the chain"),
+    ("echo.wat --input {dir}/in.txt --config {dir}/none.toml", "config file not found"),
+]
+
+
+@pytest.mark.parametrize(("argv", "says"), MISTAKES, ids=[says for _, says in MISTAKES])
 def test_mistakes_are_one_line_and_exit_2(
-    tmp_path: Path, offline_config: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    offline_config: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: str,
+    says: str,
 ) -> None:
-    bad_text = tmp_path / "bad.wat"
-    bad_text.write_text('(module\n  (func (export "run") (i32.add)\n')
-    ill_typed = tmp_path / "types.wat"
-    ill_typed.write_text("(module (func (result i32) (i64.const 1)))")
-    no_abi = tmp_path / "empty.wat"
-    no_abi.write_text("(module)")
-    not_wasm = tmp_path / "x.wasm"
-    not_wasm.write_bytes(b"\x7fELF")
-    echo, inp, cfg = str(JOBS / "echo.wat"), str(tmp_path / "in.txt"), str(offline_config)
-    cases = [
-        ([echo, "--input", str(tmp_path / "nope"), "--config", cfg], "input file not found"),
-        ([echo, "--input", str(tmp_path), "--config", cfg], "is a directory"),
-        ([str(tmp_path / "no.wat"), "--input", inp, "--config", cfg], "module not found"),
-        ([str(bad_text), "--input", inp, "--config", cfg], "bad.wat:3:1: expected `)`"),
-        ([str(ill_typed), "--input", inp, "--config", cfg], "does not compile"),
-        ([str(no_abi), "--input", inp, "--config", cfg], "must export a linear memory"),
-        ([str(not_wasm), "--input", inp, "--config", cfg], "not a WebAssembly binary"),
-        ([echo, "--input", inp, "--config", cfg, "--json"], "--json"),
-        ([echo, "--input", inp, "--config", cfg, "--output", str(tmp_path / "d" / "o")],
-         "does not exist"),
-        ([echo, "--input", inp, "--config", cfg, "--miner", "hello"], "not a peer id"),
-        ([echo, "--input", inp, "--config", cfg, "--max-fuel", "0"], "--max-fuel"),
-        ([echo, "--input", inp, "--config", cfg, "--input-size", "9"], "for pipes"),
-        ([echo, "--input", inp], "genesis"),
-        ([echo, "--input", inp, "--config", str(tmp_path / "none.toml")], "not found"),
-    ]  # fmt: skip
-    for argv, says in cases:
-        code = cli.main(["job", "run", *argv])
-        out, err = capsys.readouterr()
-        assert (code, out) == (2, ""), (argv, err)
-        assert err.count("\n") == 1, (argv, err)
-        assert err.startswith("phala-p2p: error: "), (argv, err)
-        assert says in err, (argv, err)
-    assert sorted(os.listdir(tmp_path)) == sorted(
-        ["bad.wat", "types.wat", "empty.wat", "x.wasm", "in.txt", "client.toml",
-         "genesis.toml", "wallet.key"]
-    )  # fmt: skip
+    (tmp_path / "bad.wat").write_text('(module\n  (func (export "run") (i32.add)\n')
+    (tmp_path / "types.wat").write_text("(module (func (result i32) (i64.const 1)))")
+    (tmp_path / "empty.wat").write_text("(module)")
+    (tmp_path / "x.wasm").write_bytes(b"\x7fELF")
+    before = sorted(os.listdir(tmp_path))
+    args = argv.format(dir=tmp_path, cfg=offline_config).split()
+    if args[0] == "echo.wat":
+        args[0] = str(JOBS / "echo.wat")
+    code = cli.main(["job", "run", *args])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1
+    assert err.startswith("phala-p2p: error: ")
+    assert says in err
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written, not even a temp file
 
 
 # -- the progress display ------------------------------------------------------------------
@@ -309,17 +375,17 @@ def test_progress_lines_are_throttled_and_name_phase_rate_and_percent() -> None:
     assert view.finish() == ""
 
 
-def test_progress_bar_redraws_one_line_and_ends_it() -> None:
-    view = ProgressView(tty=True, width=60)
+def test_progress_bar_redraws_one_line_fits_the_terminal_and_ends_it() -> None:
+    view = ProgressView(tty=True, width=100)
     text = view.update(JobProgress("streaming", 25, 100, 5, resumes=1), 0.0)
-    assert text is not None
-    assert text.startswith("\r\x1b[K")
-    assert "[######------------------]" in text
-    assert "\n" not in text
-    assert len(text) - len("\r\x1b[K") <= 59
-    assert view.update(JobProgress("streaming", 30, 100), 0.05) is None  # too soon
+    assert text == "\r\x1b[Kstreaming [#####---------------]  25% 25 B/100 B out 5 B resumed 1x"
+    assert view.update(JobProgress("streaming", 30, 100), 0.05) is None  # too soon to redraw
     assert view.finish() == "\n"
     assert view.finish() == ""
+    narrow = ProgressView(tty=True, width=40)
+    text = narrow.update(JobProgress("streaming", 25, 100, 5, resumes=1), 0.0)
+    # cut one column short of the terminal's width
+    assert text == "\r\x1b[K" + "streaming [#####---------------]  25% 25 B/100 B"[:39]
 
 
 def test_progress_of_a_pipe_shows_no_percentage() -> None:

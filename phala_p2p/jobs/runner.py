@@ -440,7 +440,7 @@ class EnclaveJobs:
             if session.state is not State.CLOSED:
                 session.cancel(_cancel_code(err), error)
         except JobCancelled as err:
-            error = f"cancelled by the client: {err}"
+            error = f"client_cancelled: {err}"
         except SessionClosed as err:
             error = f"the session is closed: {err}"
         out = session.data_to_send()

@@ -187,6 +187,7 @@ class RawStream:
         self.peer_id = peer_id
         self.protocol = protocol
         self._stream = stream
+        self._closed = False
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -208,6 +209,8 @@ class RawStream:
         self.bytes_sent += len(data)
 
     async def close(self) -> None:
+        """Close our writing side: the peer reads what we wrote, then the end."""
+        self._closed = True
         with trio.CancelScope(shield=True):
             try:
                 await self._stream.close()
@@ -215,6 +218,9 @@ class RawStream:
                 pass
 
     async def reset(self) -> None:
+        """Abort the stream both ways (nothing if we closed it cleanly already)."""
+        if self._closed:
+            return
         with trio.CancelScope(shield=True):
             try:
                 await self._stream.reset()

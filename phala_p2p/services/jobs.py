@@ -45,6 +45,7 @@ from phala_p2p.errors import (
 )
 from phala_p2p.jobs.client import ClientJobSession
 from phala_p2p.jobs.config import JobConfig
+from phala_p2p.jobs.errors import CancelCode
 from phala_p2p.jobs.framing import FrameDecoder, FrameType, decode_frame
 from phala_p2p.jobs.messages import ClientHello
 from phala_p2p.jobs.payload import (
@@ -74,6 +75,7 @@ logger = logging.getLogger(__name__)
 JOB_PROTOCOL: Final = "/phala/job/1.0.0"
 READ_SIZE: Final = 1 << 20
 RELAY_QUEUE: Final = 4
+WRITE_TIMEOUT: Final = 30.0
 ENCLAVE_BATCH: Final = 2 << 20
 FIRST_FRAME_TIMEOUT: Final = 10.0
 MAX_KEPT: Final = 4096
@@ -151,34 +153,21 @@ class JobExecutionFailed(ExecutionError):
         self.kind: type[ExecutionError] = cls if cls is not None else ExecutionError
 
 
-class _Pieces:
-    """Pulls bytes from an async iterable in pieces of at most a given size, with one piece
-    of lookahead so the caller knows which piece is the last."""
-
-    def __init__(self, source: AsyncIterator[bytes]) -> None:
-        self._source = source
-        self._buf = b""
-        self._pos = 0
-        self._exhausted = False
-
-    async def _fill(self) -> None:
-        while self._pos >= len(self._buf) and not self._exhausted:
-            try:
-                piece = await self._source.__anext__()
-            except StopAsyncIteration:
-                self._exhausted = True
-                return
+async def _pull(
+    source: AsyncIterator[bytes], into: trio.MemorySendChannel[bytes], total: int
+) -> None:
+    """Move the caller's input into ``into`` (closed at its end); more than ``total`` bytes
+    is the caller's mistake. An error of the iterator is the job's error."""
+    count = 0
+    async with into:
+        async for piece in source:
             if not isinstance(piece, bytes | bytearray | memoryview):
                 raise UsageError("the input must yield bytes")
-            self._buf, self._pos = bytes(piece), 0
-
-    async def take(self, size: int) -> tuple[bytes, bool]:
-        """Up to ``size`` bytes, and whether nothing follows them."""
-        await self._fill()
-        data = self._buf[self._pos : self._pos + size]
-        self._pos += len(data)
-        await self._fill()
-        return data, self._exhausted and self._pos >= len(self._buf)
+            count += len(piece)
+            if count > total:
+                raise UsageError(f"the input is larger than input_size ({total} bytes)")
+            if piece:
+                await into.send(bytes(piece))
 
 
 async def _chain_source(*parts: bytes | AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
@@ -349,7 +338,10 @@ class JobService:
 
     def _took(self, step: Any) -> None:
         """Keep the receipts the enclave signed; a final one frees the agreement's slot and
-        schedules the operator's own settlement."""
+        schedules the operator's own settlement. Sessions that end are counted by why."""
+        if step.closed and step.session_id:
+            why = "done" if step.done else step.error.split(":", 1)[0] or "closed"
+            self._node.metrics.count("job_sessions_ended", reason=why[:40])
         for raw in step.receipts:
             try:
                 receipt = decode(raw, max_size=1024, expect=JobReceipt)
@@ -496,11 +488,19 @@ class JobService:
         )
         stats = StreamStats()
         source = _chain_source(header, module, input)
-        run = _ClientRun(self, advert, agreement, _Pieces(source), total, on_output, report, stats)
+        # The input is pulled by a task of its own, which outlives the connections: a drop
+        # cancels the tasks of a connection, never a pull from the caller's iterator.
+        pieces_in, pieces_out = trio.open_memory_channel[bytes](1)
+        run = _ClientRun(self, advert, agreement, pieces_out, total, on_output, report, stats)
         left = agreement.terms.deadline_ms / 1000 - time.time()
-        async with aclosing(source):
-            with trio.move_on_after(max(1.0, left)) as scope:
-                final, failure = await run.stream()
+        try:
+            async with aclosing(source), trio.open_nursery() as nursery:
+                nursery.start_soon(_pull, source, pieces_in, total)
+                with trio.move_on_after(max(1.0, left)) as scope:
+                    final, failure = await run.stream()
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _one_error(group) from None
         if scope.cancelled_caught:
             raise RequestTimeout(f"the job was not done by its deadline ({deadline}s)")
         # a job that failed took only the input before its failure
@@ -528,7 +528,7 @@ class JobService:
     ) -> Advert:
         market = self._node.market
         if miner is not None:
-            return market._advert_of(miner)
+            return market.advert_of(miner)
         found = await market.find_miners(
             wait=10.0, min_free_slots=1, input_size=total, fuel=fuel, max_price=max_price
         )
@@ -562,7 +562,7 @@ class _ClientRun:
         service: JobService,
         advert: Advert,
         agreement: Agreement,
-        source: _Pieces,
+        source: trio.MemoryReceiveChannel[bytes],
         total: int,
         on_output: Callable[[bytes], Awaitable[None]],
         report: Progress,
@@ -592,6 +592,7 @@ class _ClientRun:
         self._room = trio.Event()
         self._wlock = trio.Lock()
         self._input_done = False
+        self._held = memoryview(b"")  # input taken from the source, not yet sealed
         self._stale = False
 
     def output_hash(self) -> bytes:
@@ -676,31 +677,66 @@ class _ClientRun:
                         nursery.start_soon(self._reader, stream, nursery.cancel_scope)
                         nursery.start_soon(self._writer, stream)
                 except BaseExceptionGroup as group:
+                    if group.split(trio.Cancelled)[1] is None:  # the caller gave up
+                        await self._abort(stream)
+                        raise
                     raise _one_error(group) from None
+                except trio.Cancelled:
+                    await self._abort(stream)
+                    raise
             finally:
                 self.stats.bytes_sent += stream.bytes_sent
                 self.stats.bytes_received += stream.bytes_received
 
+    async def _abort(self, stream: RawStream) -> None:
+        """The caller gave up (cancelled us): tell the enclave, so it ends the session and
+        frees the miner's slot at once rather than after the grace period."""
+        session = self.session
+        if session.state is not State.OPEN:
+            return
+        session.cancel(CancelCode.ABORTED, "the client gave up")
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            try:
+                await stream.write(session.data_to_send())
+            except ConnectionLost:
+                return
+            await stream.close()  # a clean end: a reset could discard the Cancel unread
+
     async def _write(self, stream: RawStream) -> None:
+        """Write what the session has queued, whole: a write cut short by a cancellation
+        would leave half a frame, which would swallow whatever came after it (a Cancel).
+        A peer that takes nothing for WRITE_TIMEOUT seconds is a lost connection."""
         async with self._wlock:
             data = self.session.data_to_send()
-            if data:
+            if not data:
+                return
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + WRITE_TIMEOUT
                 await stream.write(data)
+            if scope.cancelled_caught:
+                raise ConnectionLost(f"{stream.peer_id} took nothing for {WRITE_TIMEOUT}s")
 
     async def _writer(self, stream: RawStream) -> None:
         session = self.session
         while not self._input_done:
-            room = session.send_room
-            if room == 0 or session.state is not State.OPEN:
+            if session.send_room == 0 or session.state is not State.OPEN:
                 await self._room.wait()
                 self._room = trio.Event()
                 continue
-            data, last = await self.source.take(room)
-            if session.state is not State.OPEN:  # dropped while we waited for the input
-                raise ConnectionLost("the session was suspended")
-            session.send(data, final=last)
+            if not self._held:
+                try:
+                    self._held = memoryview(await self.source.receive())
+                except trio.EndOfChannel:  # the input is all sent: end our stream
+                    if session.state is State.OPEN:
+                        session.send(b"", final=True)
+                        self._input_done = True
+                        await self._write(stream)
+                    continue
+                continue  # the session may have changed while we waited: look again
+            room = session.send_room
+            data, self._held = bytes(self._held[:room]), self._held[room:]
+            session.send(data)
             self.sent += len(data)
-            self._input_done = last
             await self._write(stream)
             self.report(
                 JobProgress("streaming", self.sent, self.total, self.received, self.stats.resumes)

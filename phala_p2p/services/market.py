@@ -664,7 +664,7 @@ class MarketService:
         Raises NegotiationFailed (with ``reason``), AttestationError, or the network's typed
         errors; RequestTimeout if ``timeout`` passes first.
         """
-        advert = self._advert_of(miner)
+        advert = self.advert_of(miner)
         if isinstance(job_bytes, bool) or not isinstance(job_bytes, int) or job_bytes < 0:
             raise UsageError("job_bytes must be an int >= 0")
         if isinstance(max_fuel, bool) or not isinstance(max_fuel, int) or max_fuel < 1:
@@ -679,7 +679,8 @@ class MarketService:
         assert scope.cancelled_caught
         raise RequestTimeout(f"no agreement with {advert.peer_id} within {timeout}s")
 
-    def _advert_of(self, miner: Advert | str) -> Advert:
+    def advert_of(self, miner: Advert | str) -> Advert:
+        """``miner`` as an advert of the directory (it may be one already)."""
         if isinstance(miner, Advert):
             return miner
         if isinstance(miner, str):

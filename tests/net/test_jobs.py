@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -173,19 +174,27 @@ async def test_settlement_lands_after_the_partition_heals() -> None:
         client, miner, keeper = net.clients[0], net.miners[0], net.gatekeepers[0]
         await client.find_miners(wait=60)
         operator_before = keeper.chain.state.balance(miner.account)
-        cut = trio.Event()
+        cuts: list[Any] = []
+        output = bytearray()
 
         def on_progress(p: JobProgress) -> None:
-            if p.phase == "streaming" and not cut.is_set():
-                cut.set()
-                net.partition([keeper, net.bootstrap], [miner, client])
+            if p.phase == "streaming" and not cuts:  # the escrow is on chain by now
+                cuts.append(net.partition([keeper, net.bootstrap], [miner, client]))
+
+        async def on_output(data: bytes) -> None:
+            await cuts[0]  # every connection across the cut is closed before the job ends
+            output.extend(data)
 
         data = b"partitioned " * 500
-        result = await client.run_job(
-            wasm("uppercase.wat"), data, max_fuel=10**8, progress=on_progress
+        result = await client.run_job_stream(
+            wasm("uppercase.wat"),
+            data,
+            input_size=len(data),
+            on_output=on_output,
+            max_fuel=10**8,
+            progress=on_progress,
         )
-        assert cut.is_set()
-        assert result.output == data.upper()
+        assert bytes(output) == data.upper()
         assert result.settlement is None  # no gatekeeper to finalize it
         assert keeper.chain.state.settlement(result.agreement.id) is None
         await net.heal()
@@ -351,3 +360,47 @@ async def test_an_enclave_that_signs_conflicting_receipts_is_slashed_everywhere(
         again = await reporter.chain.submit(evidence)
         assert not again.ok
         assert again.error == "evidence_used"
+
+
+async def test_a_client_that_gives_up_cancels_the_session_and_frees_the_slot() -> None:
+    async with open_devnet(
+        gatekeepers=1, miners=1, clients=1, seed=69, chain_params=FAST, configure=_fast_jobs
+    ) as net:
+        client, miner = net.clients[0], net.miners[0]
+        (advert,) = await client.find_miners(wait=60)
+        slots = advert.free_slots
+        streaming = trio.Event()
+
+        async def endless():  # type: ignore[no-untyped-def]
+            while True:
+                yield bytes(64 << 10)
+
+        source = endless()
+
+        async def sink(data: bytes) -> None:
+            streaming.set()
+
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                await client.run_job_stream(
+                    wasm("stream_echo.wat"),
+                    source,
+                    input_size=1 << 30,
+                    on_output=sink,
+                    max_fuel=10**10,
+                )
+
+            nursery.start_soon(run)
+            await streaming.wait()
+            assert miner.market.book is not None
+            assert miner.market.book.free_slots == slots - 1
+            nursery.cancel_scope.cancel()
+        await source.aclose()
+
+        def ended() -> bool:
+            counters = miner.metrics.snapshot()["counters"]
+            return counters.get("job_sessions_ended[reason=client_cancelled]") == 1
+
+        await wait_until(ended, 10, message="the enclave ended the session")
+        assert miner.market.book.free_slots == slots
