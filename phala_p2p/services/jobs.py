@@ -309,6 +309,7 @@ class JobService:
         agreement it names, encoded (b"" if none is known: the enclave refuses)."""
         decoder = FrameDecoder()
         buf = bytearray()
+        frames: list[Any] = []
         with trio.move_on_after(FIRST_FRAME_TIMEOUT):
             while True:
                 data = await stream.read(4096)
