@@ -146,20 +146,23 @@ class SessionTable:
     def get(self, session_id: bytes) -> EnclaveJobSession | None:
         return self._sessions.get(session_id)
 
-    def open(self, frame: Frame, now_ms: int) -> EnclaveJobSession:
+    def open(
+        self, frame: Frame, now_ms: int, *, config: JobConfig | None = None
+    ) -> EnclaveJobSession:
         """The session the first frame of a new connection opens (ClientHello) or resumes
         (Resume). Raises a ProtocolViolation (HandshakeFailed, ResumeRefused, ...) or
-        SessionExpired; the driver then sends ``refusal(err)`` and closes the connection."""
+        SessionExpired; the driver then sends ``refusal(err)`` and closes the connection.
+        ``config`` (default: the table's) applies to a session this hello opens."""
         msg = decode_frame(frame)
         if isinstance(msg, ClientHello):
-            return self._start(msg, now_ms)
+            return self._start(msg, now_ms, config or self.config)
         if isinstance(msg, Resume):
             return self._resume(msg, now_ms)
         raise ProtocolViolation(
             "a connection starts with ClientHello or Resume", reason="unexpected_message"
         )
 
-    def _start(self, hello: ClientHello, now_ms: int) -> EnclaveJobSession:
+    def _start(self, hello: ClientHello, now_ms: int, config: JobConfig) -> EnclaveJobSession:
         terms = self._agreements(hello.agreement_id)
         if terms is None or terms.enclave != self._signer.public_key:
             raise WrongAgreement("this enclave serves no such agreement")
@@ -170,7 +173,7 @@ class SessionTable:
         self.expire(now_ms)
         if len(self._sessions) >= self.max_sessions:
             raise SessionsFull(f"{self.max_sessions} sessions are open")
-        session = EnclaveJobSession(hello, self._signer, self.config)
+        session = EnclaveJobSession(hello, self._signer, config)
         self._sessions[hello.session_id] = session
         self._seen[hello.session_id] = None
         while len(self._seen) > self._remember:

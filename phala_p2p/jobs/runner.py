@@ -17,6 +17,7 @@ Time is a parameter (``now_ms``); the executor is any object with the interface 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -364,10 +365,13 @@ class EnclaveJobs:
             raise WrongAgreement("the agreement's job has run")
         return state
 
-    def open(self, data: bytes, agreement: Agreement | None, now_ms: int) -> Step:
+    def open(
+        self, data: bytes, agreement: Agreement | None, now_ms: int, *, grace_ms: int | None = None
+    ) -> Step:
         """A connection's first bytes (a ClientHello, or a Resume, and maybe more), with the
         agreement the hello names (the host looks it up; None for a Resume). A refusal comes
-        back as a Step with ``closed`` set and the refusal in ``out``."""
+        back as a Step with ``closed`` set and the refusal in ``out``. ``grace_ms`` (the host's
+        setting; default the table's) is how long a new session is kept after a drop."""
         decoder = FrameDecoder()
         try:
             frames = decoder.feed(data)
@@ -393,7 +397,10 @@ class EnclaveJobs:
                     if old.bytes_in or old.session.state is State.OPEN:
                         raise WrongAgreement("a session of this agreement is open: resume it")
                     self._drop(state.session_id)
-                session = self._table.open(first, now_ms)
+                config = self._table.config
+                if grace_ms is not None:
+                    config = dataclasses.replace(config, grace_ms=grace_ms)
+                session = self._table.open(first, now_ms, config=config)
                 state.session_id = session.session_id
                 run = _Run(self, session, state)
                 self._runs[session.session_id] = run

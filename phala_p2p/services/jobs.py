@@ -226,7 +226,7 @@ class JobService:
         if first is None:
             return
         node.metrics.count("job_connections")
-        step = await enclave.job_open(first, agreement)
+        step = await enclave.job_open(first, agreement, grace_ms=int(self.config.grace * 1000))
         self._took(step)
         if step.closed:
             await stream.write(step.out)

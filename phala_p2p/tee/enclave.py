@@ -217,9 +217,12 @@ class Enclave(abc.ABC):
     # -- job sessions (protocols/job.md; the session and the job run inside) -------------------
 
     @abc.abstractmethod
-    async def job_open(self, data: bytes, agreement: bytes) -> JobStep:
+    async def job_open(
+        self, data: bytes, agreement: bytes, *, grace_ms: int | None = None
+    ) -> JobStep:
         """A job connection's first bytes (a whole ClientHello or Resume frame, maybe more)
-        and, for a hello, the encoded agreement it names (b"" for a resume)."""
+        and, for a hello, the encoded agreement it names (b"" for a resume); ``grace_ms``:
+        how long the enclave keeps a new session after its connection drops."""
 
     @abc.abstractmethod
     async def job_data(self, session_id: bytes, generation: int, data: bytes) -> JobStep:
@@ -583,10 +586,15 @@ class SimulatedEnclave(Enclave):
 
     # -- job sessions ------------------------------------------------------------------------
 
-    async def job_open(self, data: bytes, agreement: bytes) -> JobStep:
+    async def job_open(
+        self, data: bytes, agreement: bytes, *, grace_ms: int | None = None
+    ) -> JobStep:
         if not isinstance(data, bytes) or not isinstance(agreement, bytes):
             raise UsageError("data and agreement are bytes")
-        return _job_step(await self._call("job_open", {"data": data, "agreement": agreement}))
+        args: dict[str, Any] = {"data": data, "agreement": agreement}
+        if grace_ms is not None:
+            args["grace_ms"] = grace_ms
+        return _job_step(await self._call("job_open", args))
 
     async def job_data(self, session_id: bytes, generation: int, data: bytes) -> JobStep:
         args = {"session": session_id, "generation": generation, "data": data}

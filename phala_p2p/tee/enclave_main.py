@@ -37,6 +37,7 @@ import nacl.public
 
 from phala_p2p.crypto.identity import Identity
 from phala_p2p.errors import EnclaveError, P2PError, ProtocolViolation, UsageError
+from phala_p2p.jobs.config import MAX_GRACE_MS
 from phala_p2p.jobs.runner import EnclaveJobs, Step
 from phala_p2p.market.negotiation import Agreement
 from phala_p2p.tee.channel import (
@@ -391,7 +392,9 @@ class EnclaveServer:
         data = get_bytes(args, "data", min_len=1, max_len=_MAX_JOB_DATA)
         raw = get_bytes(args, "agreement", max_len=MAX_AGREEMENT)
         agreement = decode(raw, max_size=MAX_AGREEMENT, expect=Agreement) if raw else None
-        return _step_wire(self._job_sessions().open(data, agreement, _now_ms()))
+        grace_ms = get_int(args, "grace_ms", lo=0, hi=MAX_GRACE_MS) if "grace_ms" in args else None
+        step = self._job_sessions().open(data, agreement, _now_ms(), grace_ms=grace_ms)
+        return _step_wire(step)
 
     def _op_job_data(self, args: dict[str, Any]) -> dict[str, Any]:
         session_id = get_bytes(args, "session", min_len=16, max_len=16)
