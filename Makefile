@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(VENV)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/launch.py --peers 4 --demo
+	$(PY) examples/launch.py --gatekeepers 4 --miners 2 --clients 1 --demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check phala_p2p tests benchmarks examples

@@ -28,6 +28,9 @@ BENCHES = [
     (["bench_jobs.py", "--only", "handshake"], 300),
     (["bench_jobs.py", "--only", "e2e"], 600),
     (["bench_jobs.py", "--only", "throughput"], 900),
+    # the example launcher's devnet, one process per node: 4 gatekeepers, 8 miners, 2 clients
+    # and its baselines (about 2 minutes on 2 cores)
+    (["bench_devnet.py"], 600),
 ]
 
 if __name__ == "__main__":
