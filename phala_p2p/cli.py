@@ -1,11 +1,20 @@
 """The ``phala-p2p`` command.
 
     phala-p2p node --role bootstrap --listen /ip4/127.0.0.1/tcp/4001 --data-dir ./boot
-    phala-p2p node --config miner.toml
+    phala-p2p node --config miner.toml --dashboard 127.0.0.1:8080
     phala-p2p keys new --data-dir ./mynode
     phala-p2p genesis new --out ./chain --gatekeepers 4   # genesis, keys, node configs
     phala-p2p job run upper.wat --input in.txt --output out.txt --config client.toml
+    phala-p2p chain status --config client.toml          # height, head, gatekeepers, account
+    phala-p2p stake 5000 --config client.toml             # (and unstake AMOUNT)
+    phala-p2p propose param_change --param tx_fee --value 2 --config client.toml
+    phala-p2p vote 0 yes --config client.toml
+    phala-p2p miners --max-price 2000 --tags cpu --limit 5 --config client.toml
     phala-p2p devnet --peers 4            # the example launcher
+
+``node`` runs a node of any role until Ctrl-C (``--dashboard HOST:PORT`` serves its live
+dashboard there). ``keys new`` makes a node identity; ``genesis new`` a chain's genesis, its
+gatekeepers' keys and their node configs.
 
 ``job run MODULE --input FILE`` runs a WebAssembly job (a .wasm binary or .wat text) in a
 miner's enclave: it starts a client node (``--config``, or ``--bootstrap``, ``--genesis``,
@@ -15,9 +24,20 @@ output as it arrives to ``--output FILE`` (renamed into place at the end: a fail
 file) or to stdout. Progress and a summary go to stderr (``--quiet``: none); ``--json`` puts
 the summary on stdout as one JSON object (and so needs ``--output``).
 
+The operator commands (phala_p2p/cli_chain.py) take the same connection options and start a
+client node the same way: ``chain status`` (chain id, height, head hash, the last block's age,
+gatekeepers and their stake, open proposals, the account's balance, stake and unbonding),
+``stake AMOUNT``, ``unstake AMOUNT``, ``propose KIND`` (param_change ``--param NAME --value
+V``, gatekeeper_add/remove ``--account``, measurement_allow/revoke ``--measurement HEX``,
+treasury_spend ``--account --amount``), ``vote PROPOSAL_ID yes|no`` and ``miners``
+(``--min-cores``, ``--max-price``, ``--tags t1,t2``, ``--limit``, ``--sort``: the directory,
+best first). Their report goes to stdout (``--json``: one object), progress to stderr
+(``--quiet``: none). They sign as ``--wallet-key`` (or the ``--data-dir`` identity); given a
+gatekeeper's or a miner's config they sign as that node's account from a client of their own.
+
 User mistakes end with one clear line on stderr and exit status 2; a job or network failure
-(the job failed in the enclave, no miner, the miner lost) with one line and status 1; never a
-traceback.
+(the job failed in the enclave, no miner, the miner lost, the chain refused a transaction: the
+line gives its reason) with one line and status 1; never a traceback.
 """
 
 from __future__ import annotations
@@ -28,7 +48,6 @@ import logging
 import os
 import signal
 import stat
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +58,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from phala_p2p import cli_chain
+from phala_p2p.cli_chain import NodeStartFailed, add_connection_options, await_network, fail
 from phala_p2p.config import NodeConfig, Role
 from phala_p2p.errors import AttestationError, NegotiationFailed, P2PError, UsageError
 from phala_p2p.genesis_dir import DEFAULT_BALANCE, DEFAULT_STAKE, GenesisDir
@@ -66,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--bootstrap", action="append", help="bootstrap multiaddr with /p2p/")
     node.add_argument("--data-dir", type=Path)
     node.add_argument("--metrics-port", type=int)
+    node.add_argument(
+        "--dashboard", metavar="HOST:PORT", help="serve the live dashboard there (port 0: any)"
+    )
     node.add_argument("--name", default="")
     node.add_argument("--genesis", type=Path, help="genesis TOML: keep (follow) that chain")
     node.add_argument(
@@ -149,18 +173,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--deadline", type=float, default=300.0, metavar="S", help="seconds; default 300"
     )
-    run.add_argument(
-        "--wait",
-        type=float,
-        default=30.0,
-        metavar="S",
-        help="seconds to wait for a bootstrap peer, the chain and a miner; default 30",
+    add_connection_options(
+        run, wait_help="seconds to wait for a bootstrap peer, the chain and a miner"
     )
-    run.add_argument("--config", type=Path, metavar="FILE", help="the client's node config")
-    run.add_argument("--bootstrap", action="append", metavar="ADDR", help="(repeatable)")
-    run.add_argument("--genesis", type=Path, metavar="FILE", help="the chain's genesis TOML")
-    run.add_argument("--data-dir", type=Path, metavar="DIR", help="the client's identity")
-    run.add_argument("--wallet-key", type=Path, metavar="FILE", help="the paying account's key")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     run.add_argument(
         "--json",
@@ -169,6 +184,8 @@ def _parser() -> argparse.ArgumentParser:
         help="the summary as one JSON object on stdout (also for a job that failed in the "
         "enclave: its fuel is settled); needs --output",
     )
+
+    cli_chain.add_parsers(sub)
 
     devnet = sub.add_parser("devnet", help="start a local devnet (examples/launch.py)")
     devnet.add_argument("rest", nargs=argparse.REMAINDER)
@@ -192,6 +209,8 @@ def _node_config(args: argparse.Namespace) -> NodeConfig:
         changes["name"] = args.name
     if args.genesis:
         changes["genesis"] = args.genesis
+    if args.dashboard is not None:
+        changes["dashboard"] = args.dashboard
     return cfg.with_(**changes) if changes else cfg
 
 
@@ -431,10 +450,6 @@ class _UserFault(UsageError):
 
 class _JobFailure(P2PError):
     """The network, the miner or the local input/output failed the job (exit status 1)."""
-
-
-def _fail(message: str) -> None:
-    print(f"phala-p2p: error: {message}", file=sys.stderr, flush=True)
 
 
 class _Source:
@@ -688,38 +703,6 @@ def _check_peer_id(peer_id: str) -> None:
         raise UsageError(f"--miner {peer_id!r} is not a peer id")
 
 
-def _job_config(args: argparse.Namespace) -> NodeConfig:
-    from phala_p2p.chain.params import Genesis
-    from phala_p2p.crypto.keyfile import read_identity
-
-    cfg = NodeConfig.from_toml(args.config) if args.config else NodeConfig(role=Role.CLIENT)
-    changes: dict[str, Any] = {}
-    if args.bootstrap:
-        changes["bootstrap"] = tuple(args.bootstrap)
-    if args.genesis:
-        changes["genesis"] = args.genesis
-    if args.data_dir:
-        changes["data_dir"] = args.data_dir
-    if args.wallet_key:
-        changes["wallet_key"] = args.wallet_key
-    cfg = cfg.with_(**changes) if changes else cfg
-    if cfg.role is not Role.CLIENT:
-        raise UsageError(f"job run starts a client node: {args.config} is a {cfg.role} config")
-    if cfg.genesis is None:
-        raise UsageError("job run needs the chain: set genesis in the config or pass --genesis")
-    Genesis.from_toml(cfg.genesis)
-    if not cfg.bootstrap:
-        raise UsageError("job run needs a bootstrap address: set bootstrap or pass --bootstrap")
-    if cfg.wallet_key is not None:
-        read_identity(cfg.wallet_key)
-    elif cfg.data_dir is None:
-        raise UsageError(
-            "nothing would pay for the job: set wallet_key (a funded account's key file) "
-            "or data_dir (whose identity's account pays)"
-        )
-    return cfg
-
-
 @dataclass
 class _JobPlan:
     """Everything ``job run`` needs, checked before the node starts."""
@@ -751,7 +734,7 @@ def _job_plan(args: argparse.Namespace) -> _JobPlan:
         raise UsageError("--wait must be > 0 seconds")
     if args.miner is not None:
         _check_peer_id(args.miner)
-    config = _job_config(args)
+    config = cli_chain.client_config(args, "job run", signs="pay for the job")
     module = _load_module(args.module)
     source = _open_input(args.input, args.input_size)
     try:
@@ -842,36 +825,6 @@ def _job_bytes(module: bytes, max_fuel: int, input_size: int) -> int:
 
     header = job_header(JobSpec(module_len=len(module), max_fuel=max_fuel))
     return len(header) + len(module) + input_size
-
-
-async def _await_network(node: Node, plan: _JobPlan, status: _Status) -> None:
-    """Until a bootstrap peer answered and the chain is synced (its head recent), within
-    ``plan.wait`` seconds."""
-    deadline = trio.current_time() + plan.wait
-    status.note("connecting to the network")
-    with trio.move_on_at(deadline):
-        await node.discovery.bootstrapped.wait()
-    if not node.discovery.bootstrapped.is_set():
-        addrs = ", ".join(plan.config.bootstrap)
-        raise _JobFailure(f"no bootstrap peer answered within {plan.wait:g}s ({addrs})")
-    chain = node.chain
-    status.note("syncing the chain")
-    params = chain.params
-    slack_ms = params.max_clock_drift_ms + 5 * params.block_time_ms
-    with trio.move_on_at(deadline):
-        while True:
-            await chain.sync_once()
-            if time.time() * 1000 - chain.head.time_ms <= slack_ms:
-                return
-            try:  # a new block, or another round of sync a second from now
-                await chain.wait_for_height(chain.head.height + 1, timeout=1.0)
-            except TimeoutError:
-                pass
-    age = time.time() - chain.head.time_ms / 1000
-    raise _JobFailure(
-        f"the chain did not sync within {plan.wait:g}s "
-        f"(at height {chain.head.height}, a block {age:.0f}s old)"
-    )
 
 
 async def _pick_miner(node: Node, plan: _JobPlan, job_bytes: int, status: _Status) -> Advert:
@@ -996,7 +949,7 @@ async def _abort_after(source: _Source, seconds: float) -> None:
 
 
 async def _job_on(node: Node, plan: _JobPlan, status: _Status, nursery: trio.Nursery) -> JobResult:
-    await _await_network(node, plan, status)
+    await await_network(node, plan.config, plan.wait, status.note)
     job_bytes = _job_bytes(plan.module, plan.max_fuel, plan.source.size)
     advert = await _pick_miner(node, plan, job_bytes, status)
     _check_funds(node, plan, advert)
@@ -1023,7 +976,6 @@ async def _job_on(node: Node, plan: _JobPlan, status: _Status, nursery: trio.Nur
 async def _run_job(plan: _JobPlan) -> int:
     """Start the client node, run the job, stop; the exit status. Every expected failure is
     one line on stderr; Ctrl-C (or SIGTERM) stops the job and exits with 130."""
-    from phala_p2p.node import open_node
     from phala_p2p.progress import ProgressView
     from phala_p2p.services.jobs import JobExecutionFailed
 
@@ -1055,23 +1007,25 @@ async def _run_job(plan: _JobPlan) -> int:
 
                 nursery.start_soon(stop_on_signal)
                 nursery.start_soon(status.run)
+
+                async def job(node: Node) -> None:
+                    nonlocal summary, code, error
+                    try:
+                        result = await _job_on(node, plan, status, nursery)
+                        await plan.sink.commit()
+                        summary = _summary(node, plan, result, time.monotonic() - started)
+                    except JobExecutionFailed as err:
+                        summary = _summary(node, plan, err.result, time.monotonic() - started, err)
+                        code, error = 1, f"job failed: {err.error}: {err.text}"
+                    except UsageError as err:
+                        code, error = (2 if isinstance(err, _UserFault) else 1), str(err)
+                    except (P2PError, OSError, TimeoutError) as err:
+                        code, error = 1, str(err) or type(err).__name__
+
                 try:
-                    async with open_node(plan.config) as node:
-                        try:
-                            result = await _job_on(node, plan, status, nursery)
-                            await plan.sink.commit()
-                            summary = _summary(node, plan, result, time.monotonic() - started)
-                        except JobExecutionFailed as err:
-                            summary = _summary(
-                                node, plan, err.result, time.monotonic() - started, err
-                            )
-                            code, error = 1, f"job failed: {err.error}: {err.text}"
-                        except UsageError as err:
-                            code, error = (2 if isinstance(err, _UserFault) else 1), str(err)
-                        except (P2PError, OSError, TimeoutError) as err:
-                            code, error = 1, str(err) or type(err).__name__
-                except (P2PError, OSError) as err:  # the node itself did not start
-                    code, error = 2, f"cannot start the client node: {err}"
+                    await cli_chain.with_client_node(plan.config, job)
+                except NodeStartFailed as err:  # the node itself did not start
+                    code, error = 2, str(err)
                 await status.close()
                 nursery.cancel_scope.cancel()
     finally:
@@ -1081,18 +1035,40 @@ async def _run_job(plan: _JobPlan) -> int:
             await plan.source.aclose()
     if interrupted:
         _write_stderr(view.finish() if view is not None else "")
-        _fail("interrupted")
+        fail("interrupted")
         return 130
     if summary is not None and plan.as_json:
         print(json.dumps(summary), flush=True)
     elif summary is not None and not plan.quiet and summary["ok"]:
         _print_summary(summary)
     if error is not None:
-        _fail(error)
+        fail(error)
     return code
 
 
+def _launch_devnet(rest: list[str]) -> int:
+    """``phala-p2p devnet ...``: become the example launcher (examples/launch.py), so that a
+    Ctrl-C reaches it alone and it stops its nodes itself. Every argument is the launcher's
+    (a leading ``--`` is dropped)."""
+    launcher = Path(__file__).resolve().parent.parent / "examples" / "launch.py"
+    if not launcher.exists():
+        print("phala-p2p: error: examples/launch.py not found (run from a source checkout)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, str(launcher), *rest])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # ``devnet`` passes everything on: argparse would take the launcher's flags for its own
+    command = [a for a in argv if not a.startswith("-")][:1]
+    if command == ["devnet"]:
+        at = argv.index("devnet")
+        return _launch_devnet(argv[at + 1 :])
     args = _parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -1114,11 +1090,8 @@ def main(argv: list[str] | None = None) -> int:
             _print_genesis(_genesis_new(args), args.json)
         elif args.command == "job":
             return int(trio.run(_run_job, _job_plan(args)))
-        elif args.command == "devnet":
-            launcher = Path(__file__).resolve().parent.parent / "examples" / "launch.py"
-            if not launcher.exists():
-                raise UsageError("examples/launch.py not found (run from a source checkout)")
-            return subprocess.call([sys.executable, str(launcher), *args.rest])
+        elif args.command in cli_chain.COMMANDS:
+            return cli_chain.run(args)
     except (P2PError, OSError) as err:
         print(f"phala-p2p: error: {err}", file=sys.stderr)
         return 2

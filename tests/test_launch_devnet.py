@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import pytest
 import trio
 
 from phala_p2p.chain.settlement import cost
@@ -275,11 +274,6 @@ def test_devnet_command_passes_its_flags_to_the_launcher() -> None:
     assert "--clients" in done.stdout
 
 
-@pytest.mark.xfail(
-    reason="phala-p2p devnet parses its rest with argparse.REMAINDER, which refuses a first "
-    "argument that starts with --: `phala-p2p devnet --miners 2` fails (cli.py)",
-    strict=True,
-)
 def test_devnet_command_takes_flags_without_a_separator() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "phala_p2p.cli", "devnet", "--miners", "2", "--help"],
