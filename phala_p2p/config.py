@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -104,9 +105,10 @@ class TeeConfig:
 class JobsConfig:
     """Confidential job sessions (``protocols/job.md``).
 
-    Clients: ``grace`` (seconds a dropped session may be resumed; the enclave keeps it that
-    long too), ``window`` and ``chunk_size`` of the streams, ``settle_timeout`` (seconds to
-    wait for the settlement to be final before ``run_job`` returns with it pending).
+    ``grace``: seconds a dropped session may be resumed (a client tries that long; a miner's
+    enclave keeps the session that long). Clients: ``window`` and ``chunk_size`` of the
+    streams, ``settle_timeout`` (seconds to wait for the settlement to be final before
+    ``run_job`` returns with it pending).
     Miners: ``settle_after`` (seconds after a job ends before the operator settles it with
     the enclave's last receipt, if the client has not settled it by then)."""
 
@@ -196,6 +198,7 @@ class NodeConfig:
     name: str = ""
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    dashboard: str | None = None  # "HOST:PORT" of the live dashboard (port 0: any); None: off
     gossip: GossipConfig = field(default_factory=GossipConfig)
     limits: HostLimits = field(default_factory=HostLimits)
     health: HealthConfig = field(default_factory=HealthConfig)
@@ -235,6 +238,8 @@ class NodeConfig:
                 object.__setattr__(self, name, Path(value))
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise UsageError("metrics_port must be in [0, 65535]")
+        if self.dashboard is not None:
+            dashboard_address(self.dashboard)
 
     def with_(self, **changes: Any) -> NodeConfig:
         return replace(self, **changes)
@@ -295,6 +300,36 @@ class NodeConfig:
 
     def write_toml(self, path: str | Path) -> None:
         Path(path).write_text(self.to_toml())
+
+
+def dashboard_address(value: Any) -> tuple[str, int]:
+    """``(host, port)`` of a ``dashboard`` setting such as ``"127.0.0.1:8080"`` or
+    ``"[::1]:0"``; UsageError otherwise. The host is ``localhost`` (bound as 127.0.0.1) or an
+    explicit IP address: not a name (it could resolve anywhere) and not a wildcard such as
+    0.0.0.0 (the dashboard has no login; it belongs on loopback or one chosen interface)."""
+    if not isinstance(value, str):
+        raise UsageError(f"dashboard must be a string HOST:PORT, not {value!r}")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
+        raise UsageError(f"dashboard {value!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    port = int(port_text)
+    if port > 65535:
+        raise UsageError(f"dashboard {value!r}: port must be in [0, 65535]")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise UsageError(f"dashboard {value!r}: write an IPv6 host in brackets, [::1]:PORT")
+    if host == "localhost":
+        return "127.0.0.1", port
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise UsageError(
+            f"dashboard {value!r}: the host must be localhost or an IP address"
+        ) from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise UsageError(f"dashboard {value!r}: bind a loopback or one explicit address, not {ip}")
+    return str(ip), port
 
 
 _SECTIONS = ("gossip", "limits", "health", "discovery", "chain", "tee", "market", "jobs")

@@ -97,6 +97,7 @@ class Node:
         self.discovery.on_role = self._on_role
         self.metrics.gauge("peers", lambda: len(self.peers()))
         self.metrics_port: int | None = None
+        self.dashboard_url: str | None = None  # "http://HOST:PORT/" while one is served
         self._nursery: trio.Nursery | None = None
         self._chain: ChainService | None = None
         self.tee: TeeService | None = None
@@ -351,6 +352,12 @@ class Node:
                     self.config.metrics_host,
                     self.config.metrics_port,
                 )
+            if self.config.dashboard is not None:
+                # The dashboard sits above the node (it reads the node); imported here so
+                # that a node without one does not load it.
+                from phala_p2p.dashboard import serve_dashboard
+
+                self.dashboard_url = await nursery.start(serve_dashboard, self)
             task_status.started()
 
 
