@@ -697,6 +697,15 @@ async def stop_on_signal(
             return
 
 
+async def _show_dashboard(net: Network, name: str) -> None:
+    """Say where the dashboard is once its node is ready."""
+    peer = next(p for p in net.nodes if p.name == name)
+    await peer.ready_event.wait()
+    url = (peer.ready or {}).get("dashboard")
+    if url:
+        net.screen.line(f"dashboard of {name}: {url}")
+
+
 async def start_network(net: Network, nursery: trio.Nursery) -> None:
     """Start the bootstrap node, then every other node; return once all are ready (or one
     has failed: see ``net.failure``)."""
@@ -709,14 +718,19 @@ async def start_network(net: Network, nursery: trio.Nursery) -> None:
         nursery.start_soon(net.watch, peer)
         return peer
 
-    boot = await launch(layout.specs[0], [])
+    # the dashboard goes to the first gatekeeper, or to the bootstrap node without a chain
+    shown = next((s for s in layout.specs if s.kind == "gatekeeper"), layout.specs[0])
+    dashboard = ["--dashboard", net.args.dashboard] if net.args.dashboard else []
+    boot = await launch(layout.specs[0], dashboard if shown is layout.specs[0] else [])
     await boot.ready_event.wait()
     if boot.ready is None:
         return  # it died: net.failure says how
     net.boot_addr = boot.ready["listen_addrs"][0]
     net.screen.line(f"bootstrap node up: {net.boot_addr}")
     for spec in layout.specs[1:]:
-        await launch(spec, ["--bootstrap", net.boot_addr])
+        await launch(spec, ["--bootstrap", net.boot_addr, *(dashboard if spec is shown else [])])
+    if dashboard:
+        nursery.start_soon(_show_dashboard, net, shown.name)
     for kind in KINDS[1:]:
         group = net.by_kind(kind)
         label = f"{kind}s up"
@@ -1020,6 +1034,10 @@ def cli() -> int:
         "--job", type=Path, default=DEFAULT_JOB, help="the demo's job module (.wat or .wasm)"
     )
     parser.add_argument("--job-input", default=DEFAULT_JOB_INPUT, help="the demo job's input")
+    parser.add_argument(
+        "--dashboard", metavar="HOST:PORT", help="serve the live dashboard of the first "
+        "gatekeeper (the bootstrap node without a chain) there, e.g. 127.0.0.1:8080",
+    )  # fmt: skip
     argv = sys.argv[1:]
     if argv[:1] == ["--"]:  # `phala-p2p devnet -- --miners 2 ...` passes the separator on
         argv = argv[1:]

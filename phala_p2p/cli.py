@@ -380,6 +380,7 @@ async def _run_node(
             "role": node.role.value,
             "listen_addrs": node.listen_addrs,
             "metrics_port": node.metrics_port,
+            "dashboard": node.dashboard_url,
         }
         if node.has_chain:
             ready["chain_id"] = node.chain.genesis.chain_id
@@ -393,6 +394,8 @@ async def _run_node(
                 print(f"  listening on {addr}", flush=True)
             if node.metrics_port:
                 print(f"  metrics on http://{cfg.metrics_host}:{node.metrics_port}/metrics")
+            if node.dashboard_url:
+                print(f"  dashboard on {node.dashboard_url}", flush=True)
             if node.has_chain:
                 print(f"  chain {ready['chain_id']}, finalized height {ready['height']}")
         out = _Output(as_json)
