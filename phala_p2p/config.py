@@ -286,6 +286,10 @@ class NodeConfig:
             if node.get(key) is not None:
                 d = Path(node[key]).expanduser()
                 node[key] = d if d.is_absolute() or base_dir is None else base_dir / d
+        tee = kwargs.get("tee")
+        if tee is not None and tee.dev_root_key is not None and base_dir is not None:
+            key = tee.dev_root_key.expanduser()  # relative to the file, like the paths above
+            kwargs["tee"] = replace(tee, dev_root_key=key if key.is_absolute() else base_dir / key)
         return cls(**node, **kwargs)
 
     def to_toml(self) -> str:

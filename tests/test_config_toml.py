@@ -52,3 +52,16 @@ def test_a_value_of_an_unknown_type_is_a_clear_error() -> None:
     object.__setattr__(cfg, "name", {"not": "writable"})
     with pytest.raises(UsageError, match="cannot write dict"):
         cfg.to_toml()
+
+
+def test_relative_key_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    (tmp_path / "node.toml").write_text(
+        '[node]\nrole = "miner"\nwallet_key = "keys/wallet.key"\n'
+        '[tee]\ndev_root_key = "keys/root.key"\n'
+    )
+    cfg = NodeConfig.from_toml(tmp_path / "node.toml")
+    assert cfg.wallet_key == tmp_path / "keys" / "wallet.key"
+    assert cfg.tee.dev_root_key == tmp_path / "keys" / "root.key"
+    absolute = tmp_path / "elsewhere.key"
+    (tmp_path / "abs.toml").write_text(f'[tee]\ndev_root_key = "{absolute}"\n')
+    assert NodeConfig.from_toml(tmp_path / "abs.toml").tee.dev_root_key == absolute
