@@ -105,8 +105,9 @@ class TeeConfig:
 class JobsConfig:
     """Confidential job sessions (``protocols/job.md``).
 
-    ``grace``: seconds a dropped session may be resumed (a client tries that long; a miner's
-    enclave keeps the session that long). Clients: ``window`` and ``chunk_size`` of the
+    ``grace``: seconds a dropped session may be resumed: a client tries that long, a miner's
+    enclave keeps its sessions that long (a client that comes back after the miner's grace
+    gets ``JobLost``). Clients: ``window`` and ``chunk_size`` of the
     streams, ``settle_timeout`` (seconds to wait for the settlement to be final before
     ``run_job`` returns with it pending).
     Miners: ``settle_after`` (seconds after a job ends before the operator settles it with

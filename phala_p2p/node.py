@@ -30,7 +30,13 @@ from phala_p2p.net.dht import Dht
 from phala_p2p.net.discovery import Discovery, PeerRecord
 from phala_p2p.net.gossip import GossipMessage, GossipService, Subscription, Validation
 from phala_p2p.net.health import HealthMonitor
-from phala_p2p.net.host import ConnectionEvents, PeerGate, build_host, peer_id_of
+from phala_p2p.net.host import (
+    ConnectionEvents,
+    PeerGate,
+    abort_sockets,
+    build_host,
+    peer_id_of,
+)
 from phala_p2p.net.logs import tame_libp2p_loggers
 from phala_p2p.net.metrics import Metrics, serve_prometheus
 from phala_p2p.net.reqresp import Handler, ProtocolLimits, RequestResponse, StreamHandler
@@ -41,6 +47,9 @@ from phala_p2p.services.market import MarketService
 from phala_p2p.services.tee import TeeService, VerifiedMiner, verify_miner
 
 logger = logging.getLogger(__name__)
+
+DISCONNECT_GRACE_S = 2.0
+"""How long a polite close may take before the sockets are simply closed."""
 
 
 class Node:
@@ -230,12 +239,21 @@ class Node:
         return await self.dht.find_peer(peer_id, timeout=timeout)
 
     async def disconnect(self, peer_id: str) -> None:
-        """Close every connection to ``peer_id`` (bounded: at most 5 s)."""
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            try:
-                await self.host.disconnect(ID.from_base58(peer_id))
-            except BaseLibp2pError as err:
-                logger.debug("disconnect %s: %s", peer_id, err)
+        """Close every connection to ``peer_id``: politely for up to 2 s, then by closing its
+        sockets (a peer whose network went silent never lets a polite close finish)."""
+        peer = ID.from_base58(peer_id)
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(DISCONNECT_GRACE_S):
+                try:
+                    await self.host.disconnect(peer)
+                except BaseLibp2pError as err:
+                    logger.debug("disconnect %s: %s", peer_id, err)
+            listed = self.host.get_network().connections.get(peer) or []
+            conns = [c for c in listed if not getattr(c, "is_closed", False)]
+            if conns and abort_sockets(conns):
+                self.metrics.count("connections_aborted")
+                logger.info("%s did not close in %ss: its sockets were closed", peer_id,
+                            DISCONNECT_GRACE_S)  # fmt: skip
 
     # -- gossip ----------------------------------------------------------------------------
 

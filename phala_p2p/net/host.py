@@ -8,6 +8,7 @@ the host itself: Noise only, Yamux only, one connection per peer, and a swarm th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import multiaddr
+import trio
 from libp2p.abc import INotifee
 from libp2p.crypto.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from libp2p.crypto.keys import KeyPair
@@ -145,6 +147,35 @@ class GatedSwarm(Swarm):
     def clear_dial_failures(self) -> None:
         """Forget recent dial failures (the swarm would otherwise refuse to redial for 60 s)."""
         self._negative_peer_cache.clear()
+
+
+_SOCKET_PATH = ("muxed_conn", "secured_conn", "conn", "read_writer", "raw_conn", "stream")
+
+
+def abort_sockets(conns: Any) -> int:
+    """Close the TCP sockets under py-libp2p connections at once, without a goodbye.
+
+    A graceful close writes first (Yamux GoAway, Noise frames), which blocks forever when the
+    peer's network has gone silent (a cut cable, a frozen host): py-libp2p then keeps the
+    connection, its sockets and its gossip send queue, and every publish waits on that queue.
+    Closing the socket makes every pending read and write fail, so py-libp2p drops the
+    connection as lost. Returns how many sockets were closed. (py-libp2p has no public way to
+    reach them: this walks its connection objects' attributes, a known chain of them.)
+    """
+    closed = 0
+    for conn in conns if isinstance(conns, list | tuple) else [conns]:
+        obj: Any = conn
+        for _ in range(12):  # a short, bounded walk down the known wrappers
+            if isinstance(obj, trio.SocketStream):
+                with contextlib.suppress(OSError):
+                    obj.socket.close()
+                    closed += 1
+                break
+            nxt = next((getattr(obj, a) for a in _SOCKET_PATH if getattr(obj, a, None)), None)
+            if nxt is None or nxt is obj:
+                break
+            obj = nxt
+    return closed
 
 
 def libp2p_key_pair(identity: Identity) -> KeyPair:

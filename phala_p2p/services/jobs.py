@@ -45,7 +45,7 @@ from phala_p2p.errors import (
 )
 from phala_p2p.jobs.client import ClientJobSession
 from phala_p2p.jobs.config import JobConfig
-from phala_p2p.jobs.errors import CancelCode
+from phala_p2p.jobs.errors import CancelCode, JobCancelled
 from phala_p2p.jobs.framing import FrameDecoder, FrameType, decode_frame
 from phala_p2p.jobs.messages import ClientHello
 from phala_p2p.jobs.payload import (
@@ -601,7 +601,9 @@ class _ClientRun:
 
     async def stream(self) -> tuple[JobReceipt, JobFailed | None]:
         self.report(JobProgress("streaming", 0, self.total))
+        failures = 0
         while True:
+            received = self.stats.bytes_received
             try:
                 await self._connection()
             except (ConnectionLost, PeerUnreachable, RequestTimeout, ProtocolNotSupported) as err:
@@ -610,15 +612,30 @@ class _ClientRun:
                 # a stream that cannot be opened on a connection we hold: that connection
                 # is on its way out (py-libp2p lists it until it is closed): dial afresh
                 self._stale = isinstance(err, PeerUnreachable)
-                await self._lost(err)
+                # back off between attempts that got nothing through (never a tight loop)
+                failures = 0 if self.stats.bytes_received > received else failures + 1
+                await self._lost(err, backoff=min(0.05 * 2**failures, 1.0) if failures else 0.0)
                 continue
+            except JobCancelled as err:
+                if self.stats.resumes and err.code in (
+                    CancelCode.UNKNOWN_SESSION,
+                    CancelCode.SESSION_EXPIRED,
+                ):  # our resume came after the miner's grace period: the session is gone
+                    raise JobLost(
+                        f"{self.advert.peer_id} no longer holds the session ({err.reason}): "
+                        "it was away longer than the miner's grace period"
+                    ) from err
+                raise
             assert self.last is not None
             return self.last, self.failure
 
-    async def _lost(self, err: P2PError) -> None:
+    async def _lost(self, err: P2PError, *, backoff: float = 0.0) -> None:
         """The connection dropped: wait for the miner to be reachable again (within the
-        grace period), or give up with JobLost."""
+        grace period), or give up with JobLost. ``backoff``: seconds to wait first."""
         session = self.session
+        if backoff and session.keys is not None:
+            left = (session.next_deadline() or _now_ms()) / 1000 - time.time()
+            await trio.sleep(max(0.0, min(backoff, left - 0.05)))
         now = _now_ms()
         if session.state is State.HELLO_SENT or session.keys is None:
             session.close()
