@@ -26,7 +26,7 @@ async def _meshed(net, topic: str, subs) -> None:  # type: ignore[no-untyped-def
         )
 
     try:
-        await wait_until(ready, 15, message="gossip mesh")
+        await wait_until(ready, 25, message="gossip mesh")
     except TimeoutError:
         print("topic peers", [len(n.gossip.topic_peers(topic)) for n in nodes])
         print("mesh peers", [len(n.gossip.mesh_peers(topic)) for n in nodes])
