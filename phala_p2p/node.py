@@ -80,6 +80,7 @@ class Node:
             config.gossip,
             clock_ms=lambda: int(time.time() * 1000),
             disconnect=self.disconnect,
+            connected=self.is_connected,
         )
         self.health = HealthMonitor(
             self._rr,
@@ -248,9 +249,10 @@ class Node:
                     await self.host.disconnect(peer)
                 except BaseLibp2pError as err:
                     logger.debug("disconnect %s: %s", peer_id, err)
+            # a close cut short may leave a connection marked closed on an open socket
             listed = self.host.get_network().connections.get(peer) or []
-            conns = [c for c in listed if not getattr(c, "is_closed", False)]
-            if conns and abort_sockets(conns):
+            live = [c for c in listed if not getattr(c, "is_closed", False)]
+            if abort_sockets(listed) and live:
                 self.metrics.count("connections_aborted")
                 logger.info("%s did not close in %ss: its sockets were closed", peer_id,
                             DISCONNECT_GRACE_S)  # fmt: skip

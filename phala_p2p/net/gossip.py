@@ -259,10 +259,13 @@ class _GossipSub(GossipSub):
     """GossipSub whose send-queue drops are counted instead of only logged."""
 
     on_drop: Callable[[str], None]
+    is_connected: Callable[[str], bool] | None = None
 
     def _handle_dropped_rpc(self, peer_id: ID, rpc: Any, reason: str) -> None:
         if len(rpc.publish):
-            self.on_drop(reason)
+            gone = self.is_connected is not None and not self.is_connected(str(peer_id))
+            # a queue to a peer whose connection is closed is not a publish we lost
+            self.on_drop("peer_gone" if gone else reason)
         super()._handle_dropped_rpc(peer_id, rpc, reason)
 
 
@@ -291,6 +294,7 @@ class GossipService:
         *,
         clock_ms: Callable[[], int],
         disconnect: Callable[[str], Awaitable[None]],
+        connected: Callable[[str], bool] | None = None,
     ) -> None:
         self._host = host
         self._identity = identity
@@ -300,6 +304,9 @@ class GossipService:
         self.config = config
         self._clock_ms = clock_ms
         self._disconnect = disconnect
+        # whether a peer still has an open connection: py-libp2p keeps a peer whose
+        # connection went silent (and its full send queue) until the connection is closed
+        self._connected = connected
         self._replay = ReplayGuard(
             max_future_skew_ms=config.max_future_skew_ms, max_age_ms=config.max_age_ms
         )
@@ -327,6 +334,7 @@ class GossipService:
             eclipse_protection_enabled=False,
         )
         self.router.on_drop = self._on_relay_drop
+        self.router.is_connected = connected
         self.pubsub = _Pubsub(
             host,
             self.router,
@@ -506,6 +514,8 @@ class GossipService:
         for peer in interested:
             queue = self.pubsub.peer_queues.get(peer)
             if queue is not None and len(queue) >= self.config.queue_high_water:
+                if self._connected is not None and not self._connected(str(peer)):
+                    continue  # a connection already closed: nothing will drain that queue
                 full.append(str(peer))
         return full
 

@@ -29,7 +29,7 @@ from phala_p2p.errors import (
 )
 from phala_p2p.net.metrics import Metrics
 from phala_p2p.net.negotiate import open_stream
-from phala_p2p.net.streams import FramedStream, RawStream
+from phala_p2p.net.streams import CLOSE_TIMEOUT, FramedStream, RawStream
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class RequestResponse:
 
 
 async def _reset(stream: Any) -> None:
-    with trio.CancelScope(shield=True):
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
         try:
             await stream.reset()
         except BaseLibp2pError:

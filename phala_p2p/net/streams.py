@@ -28,6 +28,9 @@ from phala_p2p.wire.frames import (
 )
 
 READ_SIZE = 256 * 1024
+CLOSE_TIMEOUT = 2.0
+"""Seconds a close or reset may take: either writes a frame, which a connection whose peer
+went silent never takes (the connection itself is then closed by the health checks)."""
 DEFAULT_CHUNK = 256 * 1024
 
 
@@ -163,14 +166,14 @@ class FramedStream:
 
     async def close(self) -> None:
         """Close our writing side; the peer reads END-then-EOF."""
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
             try:
                 await self._stream.close()
             except BaseLibp2pError:
                 pass
 
     async def reset(self) -> None:
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
             try:
                 await self._stream.reset()
             except BaseLibp2pError:
@@ -211,7 +214,7 @@ class RawStream:
     async def close(self) -> None:
         """Close our writing side: the peer reads what we wrote, then the end."""
         self._closed = True
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
             try:
                 await self._stream.close()
             except BaseLibp2pError:
@@ -221,7 +224,7 @@ class RawStream:
         """Abort the stream both ways (nothing if we closed it cleanly already)."""
         if self._closed:
             return
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
             try:
                 await self._stream.reset()
             except BaseLibp2pError:
