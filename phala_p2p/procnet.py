@@ -49,6 +49,7 @@ from phala_p2p.testing import DEV_ROOT_KEY, dev_root_identity, devnet_genesis, w
 logger = logging.getLogger(__name__)
 
 NODE_COMMAND = [sys.executable, "-m", "phala_p2p.cli", "node", "--control"]
+MAX_HASHES = 100_000  # finalized block hashes a NodeProcess remembers (the newest)
 
 
 class NodeProcess:
@@ -65,6 +66,8 @@ class NodeProcess:
         self.listen_addrs: list[str] = []
         self.account = b""
         self.height = 0  # highest finalized block reported
+        self.hashes: dict[int, str] = {}  # height -> hash (hex) of each block reported
+        self.prefix: tuple[str, ...] = ()  # put before its command (``ip netns exec NS``)
         self.directory: dict[str, int] = {}  # peer id -> advert seq, as last reported
         self.dropped_lines = 0  # event lines the node dropped (it reported how many)
         self.bad_lines = 0  # event lines we could not read
@@ -136,7 +139,12 @@ class NodeProcess:
             self.height = int(event.get("height", 0))
             self.ready.set()
         elif kind == "block":
-            self.height = max(self.height, int(event["height"]))
+            height = int(event["height"])
+            self.height = max(self.height, height)
+            if "hash" in event:
+                self.hashes[height] = str(event["hash"])
+                if len(self.hashes) > MAX_HASHES:
+                    del self.hashes[min(self.hashes)]
         elif kind == "directory":
             self.directory = {str(k): int(v) for k, v in event["adverts"].items()}
         elif kind == "dropped":
@@ -368,13 +376,19 @@ async def open_process_devnet(
     chain: ChainConfig | None = None,
     start_timeout: float = 120.0,
     stop_timeout: float = 10.0,
+    command_prefix: Callable[[int, NodeConfig], Sequence[str]] | None = None,
 ) -> AsyncIterator[ProcessDevnet]:
     """Start a bootstrap node, ``gatekeepers``, ``miners`` and ``clients`` as processes that
     know only the bootstrap node's address, with a genesis where every one of them (and
     ``local_accounts`` in-process nodes, see :meth:`ProcessDevnet.local_config`) is funded
     and node ``i`` of ``1..gatekeepers`` is a gatekeeper. Miners register their simulated
     enclaves on start. Returns once every process is ready (connected to the bootstrap
-    node and, if it keeps the chain, at its genesis or beyond)."""
+    node and, if it keeps the chain, at its genesis or beyond).
+
+    ``command_prefix(i, config)`` gives the words put before node ``i``'s command (0 is the
+    bootstrap node), e.g. ``ip netns exec NS`` to start it in a network namespace; its
+    ``config`` is what ``configure`` returned (set ``listen`` there to an address that the
+    other namespaces can reach, see :mod:`phala_p2p.netns`)."""
     if gatekeepers < 1:
         raise UsageError("a process devnet needs at least one gatekeeper")
     if min(miners, clients, local_accounts) < 0:
@@ -422,7 +436,9 @@ async def open_process_devnet(
         async with trio.open_nursery() as nursery:
             net = ProcessDevnet(nursery, root, make_config)
             try:
-                await _start_all(nursery, net, make_config, roles, bootstrap_addr, start_timeout)
+                await _start_all(
+                    nursery, net, make_config, roles, bootstrap_addr, start_timeout, command_prefix
+                )
                 yield net
             finally:  # also when starting failed: nothing started may outlive the devnet
                 with trio.CancelScope(shield=True):
@@ -440,17 +456,26 @@ async def _start_all(
     roles: list[Role],
     bootstrap_addr: list[str],
     timeout: float,
+    command_prefix: Callable[[int, NodeConfig], Sequence[str]] | None = None,
 ) -> None:
+    def prefixed(p: NodeProcess, i: int) -> NodeProcess:
+        if command_prefix is not None:
+            p.prefix = tuple(command_prefix(i, p.config))
+        return p
+
     try:
         with trio.fail_after(timeout):
-            boot = NodeProcess(
-                "bootstrap-0", Role.BOOTSTRAP, make_config(0, Role.BOOTSTRAP), net.root
+            boot = prefixed(
+                NodeProcess(
+                    "bootstrap-0", Role.BOOTSTRAP, make_config(0, Role.BOOTSTRAP), net.root
+                ),
+                0,
             )
             net.bootstrap = boot
             await _start(nursery, boot)
             bootstrap_addr.append(_address(boot))
             net.nodes = [
-                NodeProcess(f"{r.value}-{i}", r, make_config(i, r), net.root)
+                prefixed(NodeProcess(f"{r.value}-{i}", r, make_config(i, r), net.root), i)
                 for i, r in enumerate(roles, start=1)
             ]
             async with trio.open_nursery() as starting:
@@ -465,7 +490,7 @@ async def _start(nursery: trio.Nursery, p: NodeProcess) -> None:
     p.config.write_toml(p.config_path)
     with p.log_path.open("ab") as log:
         p.proc = await trio.lowlevel.open_process(
-            [*NODE_COMMAND, "--config", str(p.config_path)],
+            [*p.prefix, *NODE_COMMAND, "--config", str(p.config_path)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
