@@ -68,6 +68,7 @@ from phala_p2p.crypto.keyfile import (
 )
 from phala_p2p.errors import UsageError
 from phala_p2p.genesis_dir import DEFAULT_BALANCE, GENESIS_FILE, write_genesis_dir
+from phala_p2p.netns import NetLab, netns_problem, open_netlab
 from phala_p2p.tee.executor import ExecutorLimits
 from phala_p2p.tee.measurement import compute_measurement
 
@@ -346,9 +347,15 @@ def log_tail(path: Path, lines: int = 5) -> str:
     return "".join(f"\n    | {line}" for line in text)
 
 
-async def start_peer(spec: NodeSpec, layout: Layout, extra: list[str]) -> Peer:
+async def start_peer(
+    spec: NodeSpec, layout: Layout, extra: list[str], lab: NetLab | None = None
+) -> Peer:
     log = layout.base / "logs" / f"{spec.name}.log"
-    cmd = [*CLI, "node", "--config", str(spec.config), "--listen", LOCALHOST, *extra]
+    listen, prefix = LOCALHOST, ()
+    if lab is not None:  # --netns: its own network namespace, on the lab's bridge
+        host = await lab.add_host(spec.name)
+        listen, prefix = host.listen_addr(), host.exec_prefix
+    cmd = [*prefix, *CLI, "node", "--config", str(spec.config), "--listen", listen, *extra]
     if spec.hello:
         cmd += ["--hello-every", "1"]
     if spec.control and layout.genesis is not None:
@@ -450,6 +457,7 @@ class Network:
         self.started = started  # time.monotonic() when the launcher began
         self.nodes: list[Peer] = []
         self.job_procs: list[trio.Process] = []
+        self.lab: NetLab | None = None  # --netns
         self.boot_addr = ""
         self.total_nodes = len(layout.specs)
         self.hello_nodes = sum(s.hello for s in layout.specs)
@@ -712,7 +720,7 @@ async def start_network(net: Network, nursery: trio.Nursery) -> None:
     layout = net.layout
 
     async def launch(spec: NodeSpec, extra: list[str]) -> Peer:
-        peer = await start_peer(spec, layout, extra)
+        peer = await start_peer(spec, layout, extra, net.lab)
         net.nodes.append(peer)
         net.write_manifest()  # every process started, with its PID, from the first on
         nursery.start_soon(net.watch, peer)
@@ -779,7 +787,9 @@ async def demo_job(net: Network, args: argparse.Namespace) -> str | None:
     known = sorted(
         (m for m in net.by_kind("miner") if m.peer_id in client.directory), key=lambda m: m.name
     )
+    prefix = (await net.lab.add_host("job-client")).exec_prefix if net.lab is not None else ()
     cmd = [
+        *prefix,
         *CLI, "job", "run", str(args.job), "--input", str(infile), "--output", str(outfile),
         "--config", str(client.spec.config), "--bootstrap", net.boot_addr,
         "--data-dir", str(demo / "job-client"),  # its own node: client-1 keeps running
@@ -905,6 +915,15 @@ def report_steps(
 
 
 async def main(args: argparse.Namespace) -> int:
+    if not args.netns:
+        return await _main(args, None)
+    # the namespaces outlive every node: nodes are stopped first, then the lab goes
+    async with open_netlab() as lab:
+        print(f"network namespaces: one per node, on a bridge ({lab.subnet})")
+        return await _main(args, lab)
+
+
+async def _main(args: argparse.Namespace, lab: NetLab | None) -> int:
     started = time.monotonic()
     own_dir = args.dir is None
     base = Path(args.dir or tempfile.mkdtemp(prefix="phala-devnet-")).resolve()
@@ -913,6 +932,7 @@ async def main(args: argparse.Namespace) -> int:
     print(f"devnet folder: {base}")
     layout = prepare(base, args)
     net = Network(args, layout, screen, started)
+    net.lab = lab
     code = 0
     caught: list[int] = []
     try:
@@ -1035,6 +1055,10 @@ def cli() -> int:
     )
     parser.add_argument("--job-input", default=DEFAULT_JOB_INPUT, help="the demo job's input")
     parser.add_argument(
+        "--netns", action="store_true", help="each node in its own network namespace, joined "
+        "by a bridge (needs root and iproute2)",
+    )  # fmt: skip
+    parser.add_argument(
         "--dashboard", metavar="HOST:PORT", help="serve the live dashboard of the first "
         "gatekeeper (the bootstrap node without a chain) there, e.g. 127.0.0.1:8080",
     )  # fmt: skip
@@ -1053,6 +1077,8 @@ def cli() -> int:
         parser.error("miners and clients need a chain: use --gatekeepers N (N >= 1)")
     if args.peers + args.gatekeepers + args.miners + args.clients < 1:
         parser.error("start at least one gatekeeper, miner, client or peer")
+    if args.netns and (problem := netns_problem()) is not None:
+        parser.error(f"--netns: {problem}")
     if args.timeout is None:
         args.timeout = 120.0 if args.miners or args.clients else 60.0
     if not args.job.is_file():

@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from phala_p2p.chain.settlement import cost
+from phala_p2p.netns import netns_problem
 from phala_p2p.testing import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -281,3 +283,23 @@ def test_devnet_command_takes_flags_without_a_separator() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "--miners" in done.stdout
+
+
+@pytest.mark.skipif(netns_problem() is not None, reason=f"--netns: {netns_problem()}")
+def test_demo_with_each_node_in_its_own_network_namespace(tmp_path: Path) -> None:
+    done = launch(
+        "--gatekeepers", "1", "--miners", "1", "--clients", "1", "--demo", "--netns",
+        "--timeout", "100", "--dir", str(tmp_path), timeout=130,
+    )  # fmt: skip
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    step(out, r"^network namespaces: one per node, on a bridge \(10\.199\.0\.0/24\)")
+    step(out, r"5 result +'HELLO, CONFIDENTIAL WORLD'$")
+    # the nodes listened on the lab's addresses, not on loopback
+    manifest = json.loads((tmp_path / "devnet.json").read_text())
+    assert manifest  # the launcher reported its processes
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob("*.log"))
+    assert "/ip4/10.199.0." in out + logs
+    assert not sessions_alive(set(node_pids(tmp_path)))
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert "ppn-" not in left.stdout  # every namespace was removed
