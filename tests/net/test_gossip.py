@@ -17,11 +17,14 @@ TOPIC = "test/chat/1"
 
 
 async def _meshed(net, topic: str, subs) -> None:  # type: ignore[no-untyped-def]
-    """Wait until every node sees every other node subscribed to ``topic``."""
+    """Wait until every node has its mesh on ``topic``."""
     nodes = net.nodes
 
+    # Every node in a mesh of its own (D_low), knowing all other subscribers but at most
+    # one: py-libp2p can miss one subscription under load (GossipService._reannounce), which
+    # gossip tolerates; what the tests assert is delivery, and that still needs the mesh.
     def ready() -> bool:
-        return all(len(n.gossip.topic_peers(topic)) >= len(nodes) - 1 for n in nodes) and all(
+        return all(len(n.gossip.topic_peers(topic)) >= len(nodes) - 2 for n in nodes) and all(
             len(n.gossip.mesh_peers(topic)) >= min(4, len(nodes) - 1) for n in nodes
         )
 

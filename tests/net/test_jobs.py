@@ -345,6 +345,9 @@ async def test_an_enclave_that_signs_conflicting_receipts_is_slashed_everywhere(
         assert cut > 0
 
         evidence = SubmitReceiptEvidence(equivocation(one, other), rogue.account)
+        # the reporter checks the evidence against its own head first: wait until it has
+        # the block that registered the miner
+        await reporter.chain.wait_for_height(registered.height or 0, timeout=20)
         reported = await reporter.chain.submit(evidence)
         assert reported.ok, reported.error
 
