@@ -30,18 +30,12 @@ from phala_p2p.errors import (
     ConnectionLost,
     EnclaveError,
     ExecutionError,
-    FuelExhausted,
-    InvalidModule,
-    MemoryExhausted,
-    OutputTooLarge,
     P2PError,
     PeerUnreachable,
     ProtocolNotSupported,
     ProtocolViolation,
     RequestTimeout,
-    Trap,
     UsageError,
-    WallClockExceeded,
 )
 from phala_p2p.jobs.client import ClientJobSession
 from phala_p2p.jobs.config import JobConfig
@@ -64,6 +58,7 @@ from phala_p2p.market.negotiation import Agreement
 from phala_p2p.market.receipt import CoSignedReceipt, JobReceipt, settle_body
 from phala_p2p.net.streams import RawStream
 from phala_p2p.services.chain import Receipt
+from phala_p2p.tee.channel import ERROR_CODES
 from phala_p2p.tee.enclave import Enclave, JobStep
 from phala_p2p.wire.codec import decode, encode
 
@@ -79,17 +74,9 @@ WRITE_TIMEOUT: Final = 30.0
 ENCLAVE_BATCH: Final = 2 << 20
 FIRST_FRAME_TIMEOUT: Final = 10.0
 MAX_KEPT: Final = 4096
+# the executor's errors by name: the same table the enclave channel uses
 _EXECUTION_ERRORS: Final[dict[str, type[ExecutionError]]] = {
-    cls.__name__: cls
-    for cls in (
-        ExecutionError,
-        InvalidModule,
-        Trap,
-        FuelExhausted,
-        MemoryExhausted,
-        WallClockExceeded,
-        OutputTooLarge,
-    )
+    name: cls for name, cls in ERROR_CODES.items() if issubclass(cls, ExecutionError)
 }
 
 Progress = Callable[["JobProgress"], None]
