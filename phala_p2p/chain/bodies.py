@@ -1,4 +1,4 @@
-"""Bodies of the core transaction kinds (wire kinds 111-119; see protocols/ledger.md)."""
+"""Bodies of the core transaction kinds (wire kinds 111-119 and 128; see protocols/ledger.md)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,25 @@ class Unstake:
 @dataclass(frozen=True)
 class EscrowOpen:
     """Lock ``amount`` for ``beneficiary``; the escrow's id is this transaction's id."""
+
+    beneficiary: bytes = field(metadata={"max_len": 32})
+    amount: int
+    expires_height: int
+
+    def validate(self) -> None:
+        _key(self.beneficiary, "escrow beneficiary")
+        _amount(self.amount, "escrow amount")
+        if not 0 < self.expires_height <= MAX_AMOUNT:
+            raise ProtocolViolation("escrow expiry out of range")
+
+
+@message(128)
+@dataclass(frozen=True)
+class StandingEscrowOpen:
+    """Lock ``amount`` for ``beneficiary`` to back any number of job agreements with it: each
+    settlement pays from it and leaves the rest for the next; what is left goes back to the
+    payer by ``EscrowRefund`` (the payer's, from ``expires_height``). Its id is this
+    transaction's id."""
 
     beneficiary: bytes = field(metadata={"max_len": 32})
     amount: int

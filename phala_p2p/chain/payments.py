@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple
 
-from phala_p2p.chain.bodies import EscrowOpen, EscrowRefund, EscrowRelease, Transfer
+from phala_p2p.chain.bodies import (
+    EscrowOpen,
+    EscrowRefund,
+    EscrowRelease,
+    StandingEscrowOpen,
+    Transfer,
+)
 from phala_p2p.chain.registry import TxContext, register_tx_kind
 from phala_p2p.chain.tx import TxRejectReason
 from phala_p2p.errors import TxRejected
@@ -24,6 +30,9 @@ class Escrow(NamedTuple):
     beneficiary: bytes
     amount: int
     expires_height: int
+    # A standing escrow backs many job agreements: settling one pays from it and leaves the
+    # rest in it; a one-off escrow (``EscrowOpen``) refunds the rest at its settlement.
+    standing: bool = False
 
 
 def get_escrow(state: LedgerState, escrow_id: bytes) -> Escrow | None:
@@ -65,11 +74,12 @@ def _transfer(ctx: TxContext, body: Transfer) -> None:
     ctx.state.credit(body.to, body.amount)
 
 
-def _open(ctx: TxContext, body: EscrowOpen) -> None:
+def _open(ctx: TxContext, body: EscrowOpen | StandingEscrowOpen) -> None:
     if body.expires_height <= ctx.height:
         raise TxRejected("escrow expires in the past", reason=TxRejectReason.MALFORMED)
     ctx.state.debit(ctx.sender, body.amount)
-    escrow = Escrow(ctx.sender, body.beneficiary, body.amount, body.expires_height)
+    standing = isinstance(body, StandingEscrowOpen)
+    escrow = Escrow(ctx.sender, body.beneficiary, body.amount, body.expires_height, standing)
     ctx.state.table(ESCROWS).set(ctx.tx.id, escrow)
 
 
@@ -99,3 +109,4 @@ register_tx_kind(111, Transfer, _transfer)
 register_tx_kind(114, EscrowOpen, _open)
 register_tx_kind(115, EscrowRelease, _release)
 register_tx_kind(116, EscrowRefund, _refund)
+register_tx_kind(128, StandingEscrowOpen, _open)

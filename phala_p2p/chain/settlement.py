@@ -6,7 +6,9 @@ operator). While the job runs, the enclave signs cumulative usage receipts
 (``market.receipt.JobReceipt``); the client co-signs the final one. ``JobSettle`` carries the
 agreement and the last receipt; the chain pays the operator what the receipt's fuel costs at
 the agreed price (never more than the escrow holds, nor than the agreement's maximum),
-refunds the rest to the client and closes the escrow. Each agreement settles once.
+refunds the rest to the client and closes the escrow; a standing escrow
+(``StandingEscrowOpen``) keeps the rest to back the client's next agreements with the same
+operator. Each agreement settles once.
 
 Two enclave-signed receipts for the same agreement and sequence number with different
 contents prove that the enclave lies about usage: ``SubmitReceiptEvidence`` slashes its
@@ -539,6 +541,8 @@ def _settle(ctx: TxContext, body: JobSettle) -> None:
     paid, refunded = settlement_amounts(
         receipt.fuel_used, terms.price, terms.max_fuel, escrow.amount
     )
+    if escrow.standing:
+        refunded = 0  # the rest stays to back the payer's other agreements
     if paid:
         payments.release(state, terms.escrow_id, paid)
     if refunded:

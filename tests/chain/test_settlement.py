@@ -22,7 +22,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from phala_p2p.chain.block import Block, Commit
-from phala_p2p.chain.bodies import EscrowOpen, EscrowRefund, EscrowRelease, Stake, Unstake
+from phala_p2p.chain.bodies import (
+    EscrowOpen,
+    EscrowRefund,
+    EscrowRelease,
+    Stake,
+    StandingEscrowOpen,
+    Unstake,
+)
 from phala_p2p.chain.ledger import LedgerState
 from phala_p2p.chain.miners import (
     MinerRegister,
@@ -194,12 +201,20 @@ def open_deal(
     pid: bytes = b"proposal-0000001",
     beneficiary: bytes | None = None,
     enclave: Identity = ENCLAVE,
+    standing: bool = False,
+    on: Deal | None = None,
 ) -> Deal:
-    """Open an escrow of ``max_payment + extra`` and sign an agreement on it."""
-    amount = max_payment(max_fuel, price) + extra
-    expires = net.view.next_height + expires_in
-    opened = net.tx(CLIENT, EscrowOpen(beneficiary or OPERATOR.public_key, amount, expires))
-    assert net.block(opened) == [None]
+    """Open an escrow of ``max_payment + extra`` (a standing one if ``standing``; none, if
+    the agreement is ``on`` the escrow of another deal) and sign an agreement on it."""
+    if on is None:
+        amount = max_payment(max_fuel, price) + extra
+        expires = net.view.next_height + expires_in
+        kind = StandingEscrowOpen if standing else EscrowOpen
+        opened = net.tx(CLIENT, kind(beneficiary or OPERATOR.public_key, amount, expires))
+        assert net.block(opened) == [None]
+        escrow_id = opened.id
+    else:
+        escrow_id, amount = on.escrow_id, on.amount
     terms = AgreementTerms(
         agreement_id=agreement_id(CHAIN_ID, CLIENT.public_key, pid),
         chain_id=CHAIN_ID,
@@ -208,13 +223,13 @@ def open_deal(
         miner_peer="12D3KooWminer",
         enclave=enclave.public_key,
         operator=OPERATOR.public_key,
-        escrow_id=opened.id,
+        escrow_id=escrow_id,
         job_bytes=4_096,
         max_fuel=max_fuel,
         price=price,
         deadline_ms=2_000_000_000_000,
     )
-    return Deal(sign_agreement(terms, CLIENT, enclave), opened.id, amount)
+    return Deal(sign_agreement(terms, CLIENT, enclave), escrow_id, amount)
 
 
 def make_receipt(
@@ -841,6 +856,68 @@ def test_settlement_works_until_the_escrow_expires_then_only_the_refund_does() -
     assert net.block(net.tx(CLIENT, EscrowRefund(late.escrow_id))) == [None]
     fee = net.state.params.tx_fee
     assert net.state.balance(CLIENT.public_key) == client + late.amount - fee
+
+
+def test_a_standing_escrow_pays_each_agreement_and_keeps_the_rest_until_its_refund() -> None:
+    net = registered_net()
+    price, max_fuel = 1_000, 1_000_000  # max_payment 1000 per agreement
+    first = open_deal(net, price=price, max_fuel=max_fuel, extra=1_500, standing=True)
+    second = open_deal(net, price=price, max_fuel=max_fuel, on=first, pid=b"proposal-second1")
+    third = open_deal(net, price=price, max_fuel=max_fuel, on=first, pid=b"proposal-third01")
+    assert first.amount == 2_500
+    supply = net.supply()
+    fee = net.state.params.tx_fee
+    operator = net.state.balance(OPERATOR.public_key)
+    client = net.state.balance(CLIENT.public_key)
+    paid: list[int] = []
+    for deal, fuel in ((first, 900_000), (second, 1_000_000), (third, 1_000_000)):
+        receipt = make_receipt(deal.terms, seq=1, fuel=fuel, final=True).sign(ENCLAVE)
+        body = settle_body(deal.agreement, CoSignedReceipt.sign(receipt, CLIENT))
+        assert net.block(net.tx(CLIENT, body)) == [None]
+        settled = get_settlement(net.state, deal.terms.agreement_id)
+        assert settled is not None
+        assert settled.refunded == 0  # nothing comes back while the escrow stands
+        paid.append(settled.paid)
+    # 900 + 1000, then what was left (600) although the receipt was worth 1000
+    assert paid == [900, 1_000, 600]
+    assert net.state.balance(OPERATOR.public_key) == operator + 2_500
+    assert net.state.balance(CLIENT.public_key) == client - 3 * fee
+    assert net.state.escrow(first.escrow_id) is None  # emptied, so closed
+    assert net.supply() == supply
+
+
+def test_what_a_standing_escrow_holds_goes_back_to_the_payer_at_expiry() -> None:
+    net = registered_net()
+    deal = open_deal(net, price=1_000, extra=4_000, expires_in=4, standing=True)
+    escrow = net.state.escrow(deal.escrow_id)
+    assert escrow is not None
+    assert escrow.standing
+    assert escrow.amount == 5_000
+    receipt = make_receipt(deal.terms, seq=1, fuel=250_000, final=True).sign(ENCLAVE)
+    assert net.block(net.tx(OPERATOR, settle_body(deal.agreement, receipt))) == [None]
+    left = net.state.escrow(deal.escrow_id)
+    assert left is not None
+    assert left.amount == 4_750
+    # the payer cannot take it back early: agreements on it may still settle
+    assert net.block(net.tx(CLIENT, EscrowRefund(deal.escrow_id))) == [
+        TxRejectReason.ESCROW_NOT_EXPIRED
+    ]
+    while net.view.next_height < escrow.expires_height:
+        net.block()
+    client = net.state.balance(CLIENT.public_key)
+    assert net.block(net.tx(CLIENT, EscrowRefund(deal.escrow_id))) == [None]
+    assert net.state.balance(CLIENT.public_key) == client + 4_750 - net.state.params.tx_fee
+    assert net.state.escrow(deal.escrow_id) is None
+
+
+def test_a_one_off_escrow_backs_one_agreement() -> None:
+    """Its settlement refunds the rest: a second agreement on it finds no escrow."""
+    net = registered_net()
+    first = open_deal(net, price=1_000, extra=5_000)
+    second = open_deal(net, price=1_000, on=first, pid=b"proposal-second1")
+    for deal, reason in ((first, None), (second, TxRejectReason.UNKNOWN_ESCROW)):
+        receipt = make_receipt(deal.terms, seq=1, fuel=1_000, final=True).sign(ENCLAVE)
+        assert net.block(net.tx(OPERATOR, settle_body(deal.agreement, receipt))) == [reason]
 
 
 # -- equivocation ----------------------------------------------------------------------------
