@@ -43,6 +43,7 @@ line gives its reason) with one line and status 1; never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -738,6 +739,9 @@ def _job_plan(args: argparse.Namespace) -> _JobPlan:
     if args.miner is not None:
         _check_peer_id(args.miner)
     config = cli_chain.client_config(args, "job run", signs="pay for the job")
+    # One job per process: a standing escrow would stay locked until it expired with no
+    # later job to draw on it, so this job gets an escrow of its own, refunded at settlement.
+    config = config.with_(market=dataclasses.replace(config.market, escrow_jobs=1))
     module = _load_module(args.module)
     source = _open_input(args.input, args.input_size)
     try:

@@ -141,6 +141,12 @@ class MarketConfig:
     slots change, at most once per ``advert_interval``), and negotiation limits. Every node
     with a chain keeps a directory of at most ``max_adverts`` and pulls adverts from a peer
     when it connects and every ``sync_interval`` (gossip does not backfill).
+
+    Clients: the escrow a client opens for a miner's operator is a standing one that covers
+    ``escrow_jobs`` jobs like the one being negotiated and lasts ``escrow_lifetime`` seconds
+    (or the job's deadline, if later). Later agreements with that operator draw on it while
+    it covers them, so they wait for no transaction; what is left returns to the client when
+    it expires. ``escrow_jobs = 1`` opens one escrow per agreement, refunded at settlement.
     """
 
     price: int = 1_000
@@ -156,6 +162,8 @@ class MarketConfig:
     min_escrow_blocks: int = 10
     sync_interval: float = 10.0
     max_adverts: int = 10_000
+    escrow_jobs: int = 8
+    escrow_lifetime: float = 3600.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tags", tuple(self.tags))
@@ -186,6 +194,12 @@ class MarketConfig:
             raise UsageError("[market] min_deadline must not exceed max_deadline")
         if self.min_escrow_blocks < 0 or self.max_adverts < 1:
             raise UsageError("[market] min_escrow_blocks >= 0 and max_adverts >= 1")
+        if isinstance(self.escrow_jobs, bool) or not isinstance(self.escrow_jobs, int):
+            raise UsageError("[market] escrow_jobs must be an int")
+        if not 1 <= self.escrow_jobs <= 1_000:
+            raise UsageError("[market] escrow_jobs must be in 1..1000")
+        if not 0 < self.escrow_lifetime <= 30 * 86_400:
+            raise UsageError("[market] escrow_lifetime must be in (0, 30 days] seconds")
 
 
 @dataclass(frozen=True)

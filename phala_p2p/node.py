@@ -221,12 +221,28 @@ class Node:
             raise PeerUnreachable(f"{peer} is denied by this node's gate")
         try:
             with trio.fail_after(self.config.limits.dial_timeout + 1):
-                await self.host.connect(info)
+                await self._dial(info)
         except trio.TooSlowError as err:
             raise PeerUnreachable(f"dialing {addr} timed out") from err
         except (BaseLibp2pError, OSError) as err:
             raise PeerUnreachable(f"cannot connect to {addr}: {err}") from err
         return peer
+
+    async def _dial(self, info: Any) -> None:
+        network = self.host.get_network()
+        listed = network.connections.get(info.peer_id)
+        if not listed or _live(listed):
+            await self.host.connect(info)
+            return
+        # Only closed connections are listed (py-libp2p drops them a little later):
+        # host.connect would take them for a connection, and with one connection per peer
+        # the swarm would trim a new one in favour of the listed one. Forget them and dial.
+        del network.connections[info.peer_id]
+        self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 120)
+        for conn in await network.dial_peer(info.peer_id):
+            started = getattr(conn, "event_started", None)
+            if started is not None:
+                await started.wait()
 
     def _on_role(self, peer_id: str, role: str) -> None:
         if role in ("bootstrap", "gatekeeper") and self._nursery is not None:

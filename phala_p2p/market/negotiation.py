@@ -39,6 +39,7 @@ from phala_p2p.wire.codec import encode, message
 MAX_ROUNDS: Final = 8
 MAX_PROPOSAL_TTL_MS: Final = 60_000
 PROPOSAL_ID_LEN: Final = 16
+MAX_BACKED: Final = 1024  # unsettled agreements a miner lets one standing escrow back
 MAX_NEGOTIATE_MESSAGE: Final = 4096
 
 
@@ -204,6 +205,9 @@ class EscrowFacts:
     beneficiary: bytes
     amount: int
     expires_height: int
+    # A standing escrow backs many agreements (each settlement leaves the rest in it): the
+    # book counts the max payments of its unsettled agreements against what it holds.
+    standing: bool = False
 
 
 @dataclass(frozen=True)
@@ -255,6 +259,8 @@ class MinerBook:
         self._counters: dict[bytes, Counter] = {}  # proposal_id -> latest counter
         self._slots: dict[bytes, _Slot] = {}  # agreement id -> slot
         self._escrows: OrderedDict[bytes, bytes] = OrderedDict()  # escrow id -> agreement id
+        # standing escrow id -> {agreement id: (max payment, deadline_ms)} not yet settled
+        self._backing: dict[bytes, dict[bytes, tuple[int, int]]] = {}
         self.on_change: Callable[[], None] | None = None
 
     # -- slots -----------------------------------------------------------------------------
@@ -328,12 +334,13 @@ class MinerBook:
         if problem is not None:
             return problem
         assert escrow is not None
+        covers = self._uncommitted(escrow, terms)
         window = (now_ms + policy.min_deadline_ms, now_ms + policy.max_deadline_ms)
         acceptable = (
             terms.price >= policy.price
             and terms.max_fuel <= policy.max_fuel
             and window[0] <= terms.deadline_ms <= window[1]
-            and escrow.amount >= terms.max_payment
+            and covers >= terms.max_payment
         )
         if self.free_slots == 0:
             retry = (self.next_deadline_ms() or now_ms) - now_ms
@@ -347,10 +354,14 @@ class MinerBook:
             self._slots[terms.agreement_id] = _Slot(
                 terms.agreement_id, terms.deadline_ms, terms.escrow_id
             )
-            self._escrows[terms.escrow_id] = terms.agreement_id
+            if escrow.standing:
+                backed = self._backing.setdefault(terms.escrow_id, {})
+                backed[terms.agreement_id] = (terms.max_payment, terms.deadline_ms)
+            else:
+                self._escrows[terms.escrow_id] = terms.agreement_id
             self._changed()
             return SignAgreement(proposal)
-        return self._counter(proposal, escrow, now_ms, window)
+        return self._counter(proposal, covers, now_ms, window)
 
     def _check_terms(self, proposal: Proposal) -> Refusal | None:
         terms = proposal.terms
@@ -384,13 +395,47 @@ class MinerBook:
                 RefuseReason.ESCROW_EXPIRING,
                 f"escrow must last {self.policy.min_escrow_blocks} blocks past {height}",
             )
+        if escrow.standing:
+            backed = self._backing.get(terms.escrow_id, {})
+            if len(backed) >= MAX_BACKED and terms.agreement_id not in backed:
+                return self._refuse(
+                    proposal,
+                    RefuseReason.ESCROW_IN_USE,
+                    f"escrow backs {len(backed)} unsettled agreements already",
+                )
+            return None
         bound = self._escrows.get(terms.escrow_id)
         if bound is not None and bound != terms.agreement_id:
             return self._refuse(proposal, RefuseReason.ESCROW_IN_USE, "escrow backs another")
         return None
 
+    def _uncommitted(self, escrow: EscrowFacts, terms: AgreementTerms) -> int:
+        """What ``escrow`` holds beyond the max payments of our other unsettled agreements on
+        it (all of it, for a one-off escrow: it backs one agreement)."""
+        if not escrow.standing:
+            return escrow.amount
+        backed = self._backing.get(terms.escrow_id, {})
+        committed = sum(pay for aid, (pay, _) in backed.items() if aid != terms.agreement_id)
+        return max(0, escrow.amount - committed)
+
+    # -- standing escrows ------------------------------------------------------------------
+
+    def backing(self, escrow_id: bytes) -> list[tuple[bytes, int]]:
+        """(agreement id, deadline_ms) of our unsettled agreements on a standing escrow: the
+        driver reports those it sees settled, or that can no longer be paid, with
+        :meth:`settled`."""
+        return [(aid, deadline) for aid, (_, deadline) in self._backing.get(escrow_id, {}).items()]
+
+    def settled(self, escrow_id: bytes, agreement_id: bytes) -> None:
+        """An agreement on a standing escrow no longer draws on it (settled, or lapsed)."""
+        backed = self._backing.get(escrow_id)
+        if backed is not None:
+            backed.pop(agreement_id, None)
+            if not backed:
+                del self._backing[escrow_id]
+
     def _counter(
-        self, proposal: Proposal, escrow: EscrowFacts, now_ms: int, window: tuple[int, int]
+        self, proposal: Proposal, covers: int, now_ms: int, window: tuple[int, int]
     ) -> Decision:
         policy = self.policy
         terms = proposal.terms
@@ -401,7 +446,7 @@ class MinerBook:
         price = max(terms.price, policy.price)
         fuel = min(terms.max_fuel, policy.max_fuel)
         if price > 0:
-            fuel = min(fuel, escrow.amount * 1_000_000 // price)
+            fuel = min(fuel, covers * 1_000_000 // price)
         if fuel < 1:
             return self._refuse(
                 proposal, RefuseReason.ESCROW_INSUFFICIENT, "escrow buys no fuel at our price"
@@ -462,6 +507,7 @@ class MinerBook:
             self._changed()
         if self._escrows.get(terms.escrow_id) == terms.agreement_id:
             del self._escrows[terms.escrow_id]
+        self.settled(terms.escrow_id, terms.agreement_id)
 
     def _remember(self, proposal: Proposal, reply: Reply) -> None:
         digest = hashlib.blake2b(encode(proposal), digest_size=16).digest()

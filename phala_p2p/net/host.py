@@ -123,30 +123,49 @@ class GatedSwarm(Swarm):
             logger.debug("closing %s connection from denied peer %s", direction, peer_id)
             await muxed_conn.close()
             raise SwarmException(f"peer {peer_id} is denied by the gate")
+        listed = self.connections.get(peer_id, [])
+        if any(c.is_closed for c in listed):
+            # py-libp2p lists a closed connection until its cleanup task runs, which may be
+            # seconds under load: it must neither win over this one as "existing" nor have
+            # the per-peer limit trim this one in its favour.
+            live = [c for c in listed if not c.is_closed]
+            if live:
+                self.connections[peer_id] = live
+            else:
+                del self.connections[peer_id]
         existing = [c for c in self.connections.get(peer_id, []) if c.muxed_conn is not muxed_conn]
         if not existing:
             return await super().add_conn(muxed_conn, direction)
-        # Two peers that dial each other at once get two connections. Both sides keep the
-        # one dialed by the smaller peer id and close the other at once, so they agree on
-        # one connection (py-libp2p would keep both for a 20 s grace period, and each side
-        # may send on a different one).
-        if not self._preferred(peer_id, str(direction)):
+        # Two peers that dial each other at once get two connections, one each way. Both
+        # sides keep the one dialed by the smaller peer id and close the other at once, so
+        # they agree on one connection (py-libp2p would keep both for a 20 s grace period,
+        # and each side may send on a different one). A new connection the same way as an
+        # existing one is a redial: the dialer gave the old one up (we may not have noticed
+        # yet, a dropped connection reads as silence for a while), so the new one wins.
+        we_dialed = _outbound(direction)
+        crossing = [c for c in existing if _outbound(getattr(c, "direction", "")) != we_dialed]
+        if crossing and not self._preferred(peer_id, we_dialed):
             logger.debug("simultaneous connect with %s: keeping the existing connection", peer_id)
             await muxed_conn.close()
-            return existing[0]
+            return crossing[0]
         conn = await super().add_conn(muxed_conn, direction)
         for old in existing:
-            logger.debug("simultaneous connect with %s: closing the other connection", peer_id)
+            logger.debug("%s connected again: closing the older connection", peer_id)
             await old.close()
         return conn
 
-    def _preferred(self, peer_id: ID, direction: str) -> bool:
-        we_dialed = direction.lower().endswith("outbound")
+    def _preferred(self, peer_id: ID, we_dialed: bool) -> bool:
         return we_dialed == (str(self.self_id) < str(peer_id))
 
     def clear_dial_failures(self) -> None:
         """Forget recent dial failures (the swarm would otherwise refuse to redial for 60 s)."""
         self._negative_peer_cache.clear()
+
+
+def _outbound(direction: Any) -> bool:
+    """Whether a py-libp2p direction ("outbound", or its ``Direction`` enum) is ours."""
+    name = getattr(direction, "name", direction)
+    return str(name).lower().endswith("outbound")
 
 
 _SOCKET_PATH = ("muxed_conn", "secured_conn", "conn", "read_writer", "raw_conn", "stream")

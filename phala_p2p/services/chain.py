@@ -40,6 +40,7 @@ from phala_p2p.chain.bodies import (
     GovVote,
     ProposalAction,
     Stake,
+    StandingEscrowOpen,
     SubmitEvidence,
     Transfer,
     Unstake,
@@ -820,6 +821,15 @@ class Wallet:
     ) -> Receipt:
         """Lock ``amount`` for ``beneficiary``; the escrow's id is the receipt's ``tx_id``."""
         body = EscrowOpen(_account(beneficiary), _amount(amount), int(expires_height))
+        return await self._chain.submit(body, **kw)
+
+    async def open_standing_escrow(
+        self, beneficiary: bytes, amount: int, expires_height: int, **kw: Any
+    ) -> Receipt:
+        """Lock ``amount`` for ``beneficiary`` to back many job agreements with it (each
+        settlement pays from it and leaves the rest); the escrow's id is the receipt's
+        ``tx_id``."""
+        body = StandingEscrowOpen(_account(beneficiary), _amount(amount), int(expires_height))
         return await self._chain.submit(body, **kw)
 
     async def release_escrow(self, escrow_id: bytes, amount: int, **kw: Any) -> Receipt:

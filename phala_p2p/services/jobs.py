@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import trio
 
@@ -80,6 +80,7 @@ _EXECUTION_ERRORS: Final[dict[str, type[ExecutionError]]] = {
 }
 
 Progress = Callable[["JobProgress"], None]
+Settle = bool | Literal["background"]
 
 
 class JobLost(ConnectionLost):
@@ -116,7 +117,8 @@ class JobResult:
     caller), the co-signed final ``receipt`` (``.fuel_used``, ``.bytes_in``,
     ``.bytes_out``, the enclave's and the client's signatures), the ``miner``'s peer id, the
     ``agreement``, and the settlement transaction's chain ``settlement`` receipt (None if it
-    was not final within ``[jobs] settle_timeout``: it stays pending and is re-sent)."""
+    was not final within ``[jobs] settle_timeout``: it stays pending and is re-sent; None
+    until :meth:`settled` returns, for a job run with ``settle="background"``)."""
 
     output: bytes
     receipt: CoSignedReceipt
@@ -124,6 +126,24 @@ class JobResult:
     agreement: Agreement
     settlement: Receipt | None
     stats: StreamStats = field(default_factory=StreamStats)
+    _settling: _Settling | None = field(default=None, repr=False, compare=False)
+
+    async def settled(self) -> Receipt | None:
+        """The settlement's chain receipt, once final: for ``settle="background"``, waits
+        for the node's settlement task (None if it was not final within ``[jobs]
+        settle_timeout``, or the client left the settlement to the operator)."""
+        if self._settling is not None:
+            await self._settling.done.wait()
+            self.settlement = self._settling.receipt
+        return self.settlement
+
+
+class _Settling:
+    """A settlement the node submits in the background."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.receipt: Receipt | None = None
 
 
 class JobExecutionFailed(ExecutionError):
@@ -401,7 +421,7 @@ class JobService:
         miner: Advert | str | None = None,
         deadline: float = 300.0,
         progress: Progress | None = None,
-        settle: bool = True,
+        settle: Settle = True,
     ) -> JobResult:
         """Run ``module`` on ``input`` in a miner's enclave and return its output.
 
@@ -409,7 +429,7 @@ class JobService:
         takes the job), attests it, negotiates an agreement for at most ``max_fuel`` fuel at
         no more than ``max_price`` per million (default: the advertised price) with an escrow
         on chain, streams the job over an encrypted session, checks the enclave's receipts,
-        co-signs the final one and settles (unless ``settle`` is False). Raises
+        co-signs the final one and settles (see :meth:`run_job_stream` for ``settle``). Raises
         JobExecutionFailed if the job failed in the enclave (its fuel is settled), JobLost
         if the miner stays unreachable past the grace period, JobCancelled if the enclave
         cancelled, and the market's typed errors.
@@ -448,7 +468,7 @@ class JobService:
         miner: Advert | str | None = None,
         deadline: float = 300.0,
         progress: Progress | None = None,
-        settle: bool = True,
+        settle: Settle = True,
     ) -> JobResult:
         """The streaming form of :meth:`run_job`: ``input`` yields the input in pieces
         (``input_size`` bytes in all, at most: the agreement is for that many), each piece of
@@ -456,9 +476,14 @@ class JobService:
         with a :class:`JobProgress` as the job moves. Memory stays bounded by the session's
         window whatever the sizes (the module is held whole: it is at most a few MiB).
 
-        With ``settle=False`` the client leaves the settlement to the operator (who settles
-        with the enclave's final receipt after ``[jobs] settle_after``); ``result.receipt``
-        is co-signed all the same, so either party can settle it later."""
+        ``settle``: True waits until the settlement is final (``result.settlement``);
+        ``"background"`` returns as soon as the final receipt is checked and co-signed, while
+        the node settles (``await result.settled()`` gives the chain receipt); False leaves
+        the settlement to the operator (who settles with the enclave's final receipt after
+        ``[jobs] settle_after``). ``result.receipt`` is co-signed whatever ``settle`` is, so
+        either party can settle it later."""
+        if settle not in (True, False, "background"):
+            raise UsageError('settle must be True, False or "background"')
         _check_bytes("module", module)
         if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 0:
             raise UsageError("input_size must be an int >= 0")
@@ -503,9 +528,15 @@ class JobService:
             )
         cosigned = CoSignedReceipt.sign(final, self._node.chain.signer)
         report(JobProgress("settling", run.sent, total, run.received, stats.resumes))
-        settlement = await self._settle(agreement, cosigned) if settle else None
+        settlement: Receipt | None = None
+        settling: _Settling | None = None
+        if settle == "background":
+            settling = _Settling()
+            self._node.start_soon(self._settle_in_background, agreement, cosigned, settling)
+        elif settle:
+            settlement = await self._settle(agreement, cosigned)
         report(JobProgress("done", run.sent, total, run.received, stats.resumes))
-        result = JobResult(b"", cosigned, advert.peer_id, agreement, settlement, stats)
+        result = JobResult(b"", cosigned, advert.peer_id, agreement, settlement, stats, settling)
         self._node.metrics.count("jobs_run", failed=str(failure is not None).lower())
         if failure is not None:
             raise JobExecutionFailed(failure.error, failure.text, result)
@@ -527,6 +558,14 @@ class JobService:
                 f"{price} ({len(market.directory)} adverts known)"
             )
         return found[0]
+
+    async def _settle_in_background(
+        self, agreement: Agreement, cosigned: CoSignedReceipt, settling: _Settling
+    ) -> None:
+        try:
+            settling.receipt = await self._settle(agreement, cosigned)
+        finally:
+            settling.done.set()
 
     async def _settle(self, agreement: Agreement, cosigned: CoSignedReceipt) -> Receipt | None:
         chain = self._node.chain

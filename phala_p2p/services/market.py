@@ -73,6 +73,7 @@ from phala_p2p.market.negotiation import (
     RefuseReason,
     SignAgreement,
     SignCounter,
+    agreement_id,
 )
 from phala_p2p.net.gossip import ACCEPT, GossipMessage, Validation
 from phala_p2p.net.host import peer_id_of
@@ -81,6 +82,7 @@ from phala_p2p.wire.envelope import open_envelope, peek_envelope
 
 if TYPE_CHECKING:
     from phala_p2p.node import Node
+    from phala_p2p.services.chain import Receipt
     from phala_p2p.services.tee import VerifiedMiner
 
 logger = logging.getLogger(__name__)
@@ -181,6 +183,7 @@ class MarketService:
         self._locks: dict[bytes, trio.Lock] = {}
         self._attested: OrderedDict[str, tuple[VerifiedMiner, float]] = OrderedDict()
         self._escrows: dict[bytes, int] = {}  # our escrows to refund at expiry -> height
+        self._standing = _StandingEscrows()  # ours, reused by later agreements
         self._seq = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -606,11 +609,13 @@ class MarketService:
                 chain.want_sync(proposal.escrow_height)
                 await chain.wait_for_height(proposal.escrow_height, timeout=ESCROW_WAIT_S)
         found = chain.state.escrow(proposal.terms.escrow_id)
-        escrow = (
-            None
-            if found is None
-            else EscrowFacts(found.payer, found.beneficiary, found.amount, found.expires_height)
-        )
+        escrow = None
+        if found is not None:
+            if found.standing:
+                self._unback(book, proposal.terms.escrow_id)
+            escrow = EscrowFacts(
+                found.payer, found.beneficiary, found.amount, found.expires_height, found.standing
+            )
         decision = book.decide(proposal, now_ms(), escrow=escrow, height=chain.head.height)
         if isinstance(decision, SignCounter):
             counter = decision.counter
@@ -629,6 +634,18 @@ class MarketService:
             logger.info("agreement %s with %s", agreement.id.hex()[:12], proposal.terms.client_peer)
             return agreement
         return decision
+
+    def _unback(self, book: MinerBook, escrow_id: bytes) -> None:
+        """Stop counting, against a standing escrow, our agreements on it that were settled
+        (the chain paid them from it) or can no longer be: past their deadline and the
+        sessions' grace with no receipt from our enclave."""
+        node = self._node
+        lapsed = now_ms() - int(node.jobs.config.grace * 1000)
+        for aid, deadline_ms in book.backing(escrow_id):
+            if node.chain.state.settlement(aid) is not None or (
+                deadline_ms < lapsed and aid not in node.jobs.receipts
+            ):
+                book.settled(escrow_id, aid)
 
     def _keep_agreement(self, agreement: Agreement) -> None:
         self.agreements[agreement.id] = agreement
@@ -703,34 +720,56 @@ class MarketService:
     ) -> Agreement:
         node = self._node
         chain = node.chain
-        escrow: list[tuple[bytes, int]] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._attest, advert)
-            nursery.start_soon(
-                _into, escrow, self._escrow_for(advert, max_fuel, max_price, deadline, escrow_id)
+        fresh = False  # True: do not reuse a standing escrow (the miner found it short)
+        while True:
+            proposal_id = os.urandom(16)
+            aid = agreement_id(chain.view.chain_id, chain.signer.public_key, proposal_id)
+            held: list[_Backing] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._attest, advert)
+                nursery.start_soon(
+                    _into,
+                    held,
+                    self._escrow_for(advert, max_fuel, max_price, deadline, escrow_id, aid, fresh),
+                )
+            (backing,) = held
+            ask = Ask(
+                chain_id=chain.view.chain_id,
+                client_peer=node.peer_id,
+                miner_peer=advert.peer_id,
+                enclave=advert.enclave,
+                operator=advert.operator,
+                escrow_id=backing.escrow_id,
+                escrow_height=backing.height,
+                job_bytes=job_bytes,
+                max_fuel=max_fuel,
+                max_price=max_price,
+                deadline_ms=now_ms() + int(deadline * 1000),
+                bid=bid,
+                min_fuel=min_fuel,
             )
-        ((escrow_id, escrow_height),) = escrow
-        deadline_ms = now_ms() + int(deadline * 1000)
-        ask = Ask(
-            chain_id=chain.view.chain_id,
-            client_peer=node.peer_id,
-            miner_peer=advert.peer_id,
-            enclave=advert.enclave,
-            operator=advert.operator,
-            escrow_id=escrow_id,
-            escrow_height=escrow_height,
-            job_bytes=job_bytes,
-            max_fuel=max_fuel,
-            max_price=max_price,
-            deadline_ms=deadline_ms,
-            bid=bid,
-            min_fuel=min_fuel,
-        )
+            try:
+                return await self._agree(advert, ask, proposal_id)
+            except NegotiationFailed as err:
+                backing.unreserve(aid)
+                if not backing.reused or err.reason not in ESCROW_SHORT:
+                    raise
+                # The miner counts more of our escrow as committed than we do (an agreement
+                # it has not seen settled yet, say): leave it and open a new one, once.
+                self._standing.retire(backing.escrow_id)
+                node.metrics.count("escrows_found_short")
+                fresh = True
+            except BaseException:
+                backing.unreserve(aid)
+                raise
+
+    async def _agree(self, advert: Advert, ask: Ask, proposal_id: bytes) -> Agreement:
+        node = self._node
         machine = ClientNegotiation(
             ask,
-            chain.signer,
+            node.chain.signer,
             now_ms(),
-            proposal_id=os.urandom(16),
+            proposal_id=proposal_id,
             max_rounds=self.config.max_rounds,
         )
         while True:
@@ -761,24 +800,67 @@ class MarketService:
         max_price: int,
         deadline: float,
         escrow_id: bytes | None,
-    ) -> tuple[bytes, int]:
+        aid: bytes,
+        fresh: bool,
+    ) -> _Backing:
+        """The escrow to back agreement ``aid``: ``escrow_id`` if given; else one of our
+        standing escrows for the operator that still covers the job (reserved for it here),
+        or a new one."""
         chain = self._node.chain
         if escrow_id is not None:
             if chain.state.escrow(escrow_id) is None:
                 raise UsageError("no such escrow on chain")
-            return escrow_id, chain.head.height
+            return _Backing(escrow_id, chain.head.height)
+        need = max(1, max_payment(max_fuel, max_price))
         blocks = math.ceil(deadline * 1000 / chain.params.block_time_ms) + SETTLE_MARGIN_BLOCKS
         blocks = max(blocks, 2 * self.config.min_escrow_blocks)
-        expires = chain.head.height + blocks
-        amount = max(1, max_payment(max_fuel, max_price))
-        receipt = await self._node.wallet.open_escrow(advert.operator, amount, expires)
+        lock = self._standing.lock(advert.operator)
+        async with lock:
+            if not fresh:
+                found = self._standing.take(
+                    chain.state, advert.operator, aid, need, chain.head.height + blocks
+                )
+                if found is not None:
+                    self._node.metrics.count("escrows_reused")
+                    return found
+            jobs = self.config.escrow_jobs
+            if jobs == 1:
+                receipt = await self._open_escrow(advert.operator, need, blocks, standing=False)
+                return _Backing(receipt.tx_id, receipt.height or 0)
+            life = math.ceil(self.config.escrow_lifetime * 1000 / chain.params.block_time_ms)
+            blocks = max(blocks, life)
+            try:
+                receipt = await self._open_escrow(advert.operator, need * jobs, blocks)
+            except NegotiationFailed as err:
+                if err.reason != "insufficient_funds":
+                    raise
+                # not enough for several jobs: an escrow for this one (its rest may serve
+                # a later, smaller one)
+                receipt = await self._open_escrow(advert.operator, need, blocks)
+            return self._standing.opened(
+                advert.operator,
+                receipt.tx_id,
+                receipt.height or 0,
+                chain.head.height + blocks,
+                aid,
+                need,
+            )
+
+    async def _open_escrow(
+        self, operator: bytes, amount: int, blocks: int, *, standing: bool = True
+    ) -> Receipt:
+        expires = self._node.chain.head.height + blocks
+        wallet = self._node.wallet
+        opening = wallet.open_standing_escrow if standing else wallet.open_escrow
+        receipt = await opening(operator, amount, expires)
         if not receipt.ok or receipt.height is None:
             raise NegotiationFailed(
-                f"escrow not opened: {receipt.error} {receipt.detail}".strip(), reason="escrow"
+                f"escrow not opened: {receipt.error} {receipt.detail}".strip(),
+                reason=receipt.error or "escrow",
             )
         self._escrows[receipt.tx_id] = expires
-        self._node.metrics.count("escrows_opened")
-        return receipt.tx_id, receipt.height
+        self._node.metrics.count("escrows_opened", standing=str(standing).lower())
+        return receipt
 
     async def _reach(self, advert: Advert) -> None:
         node = self._node
@@ -829,6 +911,7 @@ class MarketService:
         due = [e for e, h in self._escrows.items() if h <= height]
         for escrow_id in due:
             del self._escrows[escrow_id]
+            self._standing.retire(escrow_id)
             if self._node.chain.state.escrow(escrow_id) is not None:
                 self._node.start_soon(self._refund, escrow_id)
 
@@ -843,6 +926,93 @@ class MarketService:
 
 async def _into(out: list[Any], work: Awaitable[Any]) -> None:
     out.append(await work)
+
+
+# A refusal or counter that may only mean the miner counts more of a reused standing escrow
+# as committed than the client does: the client retries once with a new escrow.
+ESCROW_SHORT: Final = frozenset(
+    {"fuel", "escrow_insufficient", "escrow_in_use", "escrow_expiring", "escrow_missing"}
+)
+MAX_STANDING: Final = 64  # standing escrows a client reuses per operator
+
+
+@dataclass
+class _Backing:
+    """The escrow behind one negotiation; ``entry`` is ours to reuse (a standing escrow)."""
+
+    escrow_id: bytes
+    height: int  # on chain from this height
+    entry: _Standing | None = None
+    reused: bool = False
+
+    def unreserve(self, aid: bytes) -> None:
+        if self.entry is not None:
+            self.entry.reserved.pop(aid, None)
+
+
+@dataclass
+class _Standing:
+    escrow_id: bytes
+    height: int
+    expires: int
+    reserved: dict[bytes, int] = field(default_factory=dict)  # agreement id -> max payment
+
+
+class _StandingEscrows:
+    """A client's standing escrows by operator, with what its agreements reserved of each:
+    a reservation holds until the chain shows the agreement settled (the operator may
+    settle it late, with the enclave's last receipt), or the escrow is gone."""
+
+    def __init__(self) -> None:
+        self._by_operator: dict[bytes, list[_Standing]] = {}
+        self._locks: dict[bytes, trio.Lock] = {}
+
+    def lock(self, operator: bytes) -> trio.Lock:
+        lock = self._locks.get(operator)
+        if lock is None:
+            for op in [o for o, k in self._locks.items() if not k.locked()]:
+                if len(self._locks) < 1024:
+                    break
+                del self._locks[op]
+            lock = self._locks[operator] = trio.Lock()
+        return lock
+
+    def take(
+        self, state: Any, operator: bytes, aid: bytes, need: int, until: int
+    ) -> _Backing | None:
+        """Reserve ``need`` for agreement ``aid`` on a standing escrow of ours for
+        ``operator`` that lasts until ``until``, if one covers it."""
+        entries = self._by_operator.get(operator, [])
+        for entry in list(entries):
+            escrow = state.escrow(entry.escrow_id)
+            if escrow is None:  # emptied, or refunded
+                entries.remove(entry)
+                continue
+            for done in [a for a in entry.reserved if state.settlement(a) is not None]:
+                del entry.reserved[done]
+            free = escrow.amount - sum(entry.reserved.values())
+            if free >= need and escrow.expires_height >= until:
+                entry.reserved[aid] = need
+                return _Backing(entry.escrow_id, entry.height, entry, reused=True)
+        if not entries:
+            self._by_operator.pop(operator, None)
+        return None
+
+    def opened(
+        self, operator: bytes, escrow_id: bytes, height: int, expires: int, aid: bytes, need: int
+    ) -> _Backing:
+        entry = _Standing(escrow_id, height, expires, {aid: need})
+        entries = self._by_operator.setdefault(operator, [])
+        entries.append(entry)
+        del entries[:-MAX_STANDING]  # the oldest go unused (and are refunded at expiry)
+        return _Backing(escrow_id, height, entry)
+
+    def retire(self, escrow_id: bytes) -> None:
+        """Reuse ``escrow_id`` no more."""
+        for operator, entries in list(self._by_operator.items()):
+            entries[:] = [e for e in entries if e.escrow_id != escrow_id]
+            if not entries:
+                del self._by_operator[operator]
 
 
 __all__ = [

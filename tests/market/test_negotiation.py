@@ -456,6 +456,52 @@ def test_escrow_backing_another_agreement() -> None:
     assert book.free_slots == 1
 
 
+def test_a_standing_escrow_backs_agreements_while_it_covers_their_max_payments() -> None:
+    book = make_book(slots=8)
+    pay = max_payment(FUEL, PRICE)
+    pot = dataclasses.replace(escrow(amount=2 * pay + pay // 2), standing=True)
+    first, second = (start(pid=b"proposal-000000%d" % i).proposal for i in (1, 2))
+    agree(book, first, pot)
+    agree(book, second, pot)
+    assert [aid for aid, _ in book.backing(ESCROW_ID)] == [
+        first.terms.agreement_id,
+        second.terms.agreement_id,
+    ]
+    # a third would leave the first two short: the miner offers what is left, which the
+    # client (wanting all its fuel) refuses
+    third = start(pid=b"proposal-0000003")
+    counter = counter_for(book, third.proposal, pot)
+    assert counter.terms.max_fuel == (pay // 2) * 1_000_000 // PRICE
+    with pytest.raises(NegotiationFailed) as info:
+        third.on_reply(counter, NOW)
+    assert info.value.reason == "fuel"
+    # once the first is settled, what it held counts again (the chain paid it from the pot)
+    book.settled(ESCROW_ID, first.terms.agreement_id)
+    fourth = start(pid=b"proposal-0000004").proposal
+    agree(book, fourth, pot)
+    assert book.free_slots == 8 - 3
+
+
+def test_a_standing_escrow_that_covers_nothing_more_is_refused() -> None:
+    book = make_book(slots=8)
+    pot = dataclasses.replace(ESCROW, standing=True)  # exactly one max payment
+    agree(book, start().proposal, pot)
+    late = start(pid=b"proposal-0000002").proposal
+    assert refusal_reason(book.decide(late, NOW, escrow=pot, height=HEIGHT)) == (
+        "escrow_insufficient"
+    )
+
+
+def test_abandoned_agreements_do_not_draw_on_a_standing_escrow() -> None:
+    book = make_book()
+    pot = dataclasses.replace(ESCROW, standing=True)
+    first = start().proposal
+    assert book.decide(first, NOW, escrow=pot, height=HEIGHT) == SignAgreement(first)
+    book.abandon(first)  # the enclave could not sign it
+    assert book.backing(ESCROW_ID) == []
+    agree(book, start(pid=b"proposal-0000002").proposal, pot)
+
+
 def test_round_without_a_counter() -> None:
     book = make_book()
     terms = start().proposal.terms

@@ -79,15 +79,47 @@ async def test_job_runs_end_to_end_and_settles_exactly() -> None:
         paid = cost(receipt.fuel_used, terms.price)
         assert settled.paid == paid
         assert settled.fuel_used == receipt.fuel_used
-        # balances move by exactly the settled amount (and the client's fees)
+        # balances move by exactly the settled amount (and the client's fees); the rest of
+        # the client's standing escrow waits for its next job
         fee = client.chain.params.tx_fee
         await wait_until(
             lambda: state.balance(operator) == operator_before + paid, 20, message="operator paid"
         )
+        escrow = state.escrow(terms.escrow_id)
+        assert escrow is not None
+        assert escrow.standing
         escrow_fee_and_settle_fee = 2 * fee
-        assert state.balance(client.account) == client_before - paid - escrow_fee_and_settle_fee
+        assert state.balance(client.account) + escrow.amount == (
+            client_before - paid - escrow_fee_and_settle_fee
+        )
         # the miner's slot is free again and its node kept the enclave's receipt
         assert miner.jobs.receipts[result.agreement.id].final
+
+        # A second job draws on the same escrow (no transaction before it starts) and is
+        # settled in the background: run_job returns with the co-signed receipt.
+        opened = client.metrics.get("escrows_opened", standing="true")
+        assert opened == 1
+        second = await client.run_job(
+            wasm("uppercase.wat"), b"again", max_fuel=10**8, settle="background"
+        )
+        assert second.output == b"AGAIN"
+        assert second.agreement.terms.escrow_id == terms.escrow_id
+        assert client.metrics.get("escrows_opened", standing="true") == opened
+        assert client.metrics.get("escrows_reused") == 1
+        settlement = await second.settled()
+        assert settlement is not None
+        assert settlement.ok
+        assert second.settlement is settlement
+        paid_too = cost(second.receipt.fuel_used, second.agreement.terms.price)
+        await wait_until(
+            lambda: state.settlement(second.agreement.id) is not None, 20, message="settled"
+        )
+        left = state.escrow(terms.escrow_id)
+        assert left is not None
+        assert left.amount == escrow.amount - paid_too
+        assert state.balance(client.account) + left.amount == (
+            client_before - paid - paid_too - 3 * fee
+        )
 
 
 async def test_failed_job_reports_the_error_and_settles_its_fuel() -> None:
@@ -131,7 +163,9 @@ async def test_cut_connection_resumes_without_resending(tmp_path: Path) -> None:
 
 async def test_miner_crash_gives_a_clear_error_and_the_escrow_comes_back() -> None:
     def configure(i: int, cfg: NodeConfig) -> NodeConfig:
-        return cfg.with_(jobs=JobsConfig(grace=2.0, settle_timeout=10.0))
+        # a standing escrow that lasts no longer than the job's deadline needs
+        market = dataclasses.replace(cfg.market, escrow_lifetime=5.0)
+        return cfg.with_(jobs=JobsConfig(grace=2.0, settle_timeout=10.0), market=market)
 
     async with open_devnet(
         gatekeepers=1, miners=1, clients=1, seed=64, chain_params=FAST, configure=configure
@@ -148,7 +182,10 @@ async def test_miner_crash_gives_a_clear_error_and_the_escrow_comes_back() -> No
 
         with pytest.raises(JobLost, match="grace period"):
             await client.run_job(
-                wasm("stream_echo.wat"), bytes(4 << 20), max_fuel=10**9, deadline=5.0,
+                wasm("stream_echo.wat"),
+                bytes(4 << 20),
+                max_fuel=10**9,
+                deadline=5.0,
                 progress=on_progress,
             )
         fee = client.chain.params.tx_fee
@@ -233,8 +270,9 @@ async def test_operator_settles_when_the_client_does_not() -> None:
         assert settled.paid == cost(result.receipt.fuel_used, result.agreement.terms.price)
         # the miner's own view of its transaction follows the gatekeeper's by a block
         await wait_until(
-            lambda: miner.metrics.snapshot()["counters"].get("jobs_settled_by_operator[ok=true]")
-            == 1,
+            lambda: (
+                miner.metrics.snapshot()["counters"].get("jobs_settled_by_operator[ok=true]") == 1
+            ),
             20,
             message="the operator's settlement counted",
         )
@@ -322,9 +360,7 @@ async def test_an_enclave_that_signs_conflicting_receipts_is_slashed_everywhere(
             ),
             int(time.time()),
         )
-        registered = await chain.submit(
-            MinerRegister("SIM", quote, "", enclave.public_key, x25519)
-        )
+        registered = await chain.submit(MinerRegister("SIM", quote, "", enclave.public_key, x25519))
         assert registered.ok, registered.error
         receipt = JobReceipt(
             chain_id=chain.view.chain_id,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from libp2p.peer.id import ID
 
 from phala_p2p import NodeConfig, Role, open_node
 from phala_p2p.errors import UsageError
@@ -93,6 +94,61 @@ async def test_devnet_restart_keeps_identity_and_reconnects() -> None:
         assert fresh.peer_id == pid
         assert net.nodes[1] is fresh
         await wait_until(lambda: len(fresh.peers()) == 3, 15, message="rejoin")
+
+
+async def test_connect_dials_past_a_closed_connection_still_listed() -> None:
+    """py-libp2p lists a closed connection for a while after it closes, and its
+    ``host.connect`` takes the listed one for a connection: ``Node.connect`` must dial."""
+    async with open_devnet(peers=2, seed=13) as net:
+        a, b = net.nodes[0], net.nodes[1]
+
+        async def echo(peer: str, req: bytes) -> bytes:
+            return req
+
+        b.serve("/test/echo/1.0.0", echo)
+        await wait_until(lambda: a.is_connected(b.peer_id), 15, message="connected")
+        network = a.host.get_network()
+        peer = ID.from_base58(b.peer_id)
+        closed = list(network.get_connections(peer))
+        assert closed
+        await a.disconnect(b.peer_id)
+        assert all(c.is_closed for c in closed)
+        network.connections[peer] = closed  # still listed, as in py-libp2p's window
+        assert not a.is_connected(b.peer_id)
+        await a.connect(b.listen_addrs[0])
+        assert a.is_connected(b.peer_id)
+        assert await a.request(b.peer_id, "/test/echo/1.0.0", b"ping", timeout=10) == b"ping"
+
+
+async def test_a_redial_replaces_a_connection_the_other_side_still_holds() -> None:
+    """A peer that dropped a connection it dialed (on its side only: the other has not
+    noticed yet) and dials again gets the new connection: a redial is not a simultaneous
+    connect, where both sides keep the connection the smaller peer id dialed."""
+    async with open_devnet(peers=2, seed=13) as net:
+        # the listener has the smaller id: the tie-break of a simultaneous connect would
+        # keep its existing connection and close the redial
+        listener, dialer = sorted(net.nodes[:2], key=lambda n: n.peer_id)
+
+        async def echo(peer: str, req: bytes) -> bytes:
+            return req
+
+        listener.serve("/test/echo/1.0.0", echo)
+        addr = listener.listen_addrs[0]
+        network = dialer.host.get_network()
+        peer = ID.from_base58(listener.peer_id)
+        await dialer.disconnect(listener.peer_id)
+        await dialer.connect(addr)
+        await wait_until(
+            lambda: [c.direction.name for c in network.connections.get(peer, [])] == ["OUTBOUND"],
+            10,
+            message="one connection, dialed by the dialer",
+        )
+        abandoned = network.connections.pop(peer)  # dropped on this side only, not closed
+        with trio.fail_after(10):  # as a job client does: dial until connected
+            while not dialer.is_connected(listener.peer_id):
+                await dialer.connect(addr)
+                await wait_until(lambda: all(c.is_closed for c in abandoned), 5, message="closed")
+        assert await dialer.request(listener.peer_id, "/test/echo/1.0.0", b"x", timeout=10) == b"x"
 
 
 async def test_one_bootstrap_address_is_enough_to_find_everyone() -> None:
