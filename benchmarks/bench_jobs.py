@@ -13,10 +13,14 @@ throughput  --size-mib up and the same down through the enclave: run_job_stream 
             of this process (which holds every devnet node, the client's among them) and of
             the miner's enclave process.
 e2e         a small job (uppercase.wat, 1 KiB) end to end on a warm devnet (miner known,
-            attested, module compiled): negotiation (escrow finalized on chain), handshake
-            and run, receipt, settlement (finalized), p50/p99 over --trials, broken out by
-            the progress reports. Baseline: one finalized transfer, interleaved with the
-            jobs. Target: p50 <= 30 ms.
+            attested, module compiled, the client's standing escrow for the miner's
+            operator open): run_job(settle="background") from the call to its return,
+            that is verify (cached), negotiate, handshake, run, the final receipt checked
+            and co-signed; p50/p99 over --trials, broken out by the progress reports. The
+            settlement, which the node submits in the background, is timed on its own, to
+            its finality. Every eighth job or so opens a new standing escrow (the default
+            covers 8 jobs), which the p99 shows. Baseline: one finalized transfer,
+            interleaved with the jobs. Target: p50 <= 30 ms.
 handshake   the sans-IO session handshake (ClientJobSession hello -> SessionTable.open ->
             EnclaveHello -> the client checks the signature and derives the keys; both ends
             closed), microseconds per session, against one PyNaCl Ed25519 sign + verify.
@@ -270,18 +274,22 @@ async def _small_job(client: Node, module: bytes, data: bytes) -> dict[str, floa
             marks.setdefault("sent", now)  # handshake, with the whole small job written
 
     start = time.perf_counter()
-    result = await client.run_job(module, data, max_fuel=10**7, progress=progress)
+    result = await client.run_job(
+        module, data, max_fuel=10**7, progress=progress, settle="background"
+    )
     end = time.perf_counter()
     assert result.output == data.upper()
-    assert result.settlement is not None, "the settlement was not final in time"
-    assert result.settlement.ok, result.settlement
+    settlement = await result.settled()
+    settled = time.perf_counter()
+    assert settlement is not None, "the settlement was not final in time"
+    assert settlement.ok, settlement
     return {
         "total": end - start,
         "negotiation": marks["streaming"] - start,
         "streaming": marks["settling"] - marks["streaming"],
         "handshake": marks["sent"] - marks["streaming"],
         "run": marks["settling"] - marks["sent"],
-        "settlement": marks["done"] - marks["settling"],
+        "settlement": settled - marks["settling"],
     }
 
 
@@ -308,11 +316,11 @@ async def bench_e2e(trials: int) -> None:
         )
         for key, label in (
             ("total", "run_job, total"),
-            ("negotiation", "  find + negotiate (incl. escrow)"),
+            ("negotiation", "  find, verify, negotiate"),
             ("streaming", "  streaming phase, of which"),
             ("handshake", "    open stream, handshake, write"),
             ("run", "    run, output, receipt, co-sign"),
-            ("settlement", "  settlement"),
+            ("settlement", "settlement, in the background"),
         ):
             values = [r[key] for r in runs]
             p50 = statistics.median(values)
@@ -320,6 +328,8 @@ async def bench_e2e(trials: int) -> None:
                 f"  {label:<34} p50 {p50 * 1000:7.1f} ms  p99 {pct(values, 0.99) * 1000:7.1f} ms"
                 f"  ratio p50/baseline {p50 / baseline:5.2f}x"
             )
+        opened, reused = (client.metrics.get(k) for k in ("escrows_opened", "escrows_reused"))
+        print(f"  standing escrows: {opened} opened, {reused} agreements on one already open")
         p50 = statistics.median(r["total"] for r in runs)
         met = "met" if p50 <= 0.030 else "NOT met"
         print(f"  target p50 <= 30 ms: {met} (p50 {p50 * 1000:.1f} ms)", flush=True)
