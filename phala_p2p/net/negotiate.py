@@ -1,9 +1,12 @@
-"""Outbound stream opening with pipelined multistream-select.
+"""Outbound stream opening with lazy multistream-select.
 
-py-libp2p's client waits for the multistream header before it proposes a protocol: two
-round trips per stream. multistream-select allows the initiator to send the header and
-its single proposal at once (go-libp2p's "lazy" client does), so a stream costs one round
-trip. The responder side is py-libp2p's own, unchanged.
+py-libp2p's client waits for the multistream header before it proposes a protocol, then for
+the answer before it writes: two round trips before the first byte of a request. As
+go-libp2p's lazy client does, we send the header and our single proposal at once and return
+the stream at once: the caller writes its request straight away and the answer to the
+proposal is read (and checked) with the first read, so a request costs one round trip in
+all. py-libp2p's responder reads the negotiation lines exactly, so a request sent early
+waits in the stream for the handler. The responder side is py-libp2p's own, unchanged.
 """
 
 from __future__ import annotations
@@ -79,10 +82,12 @@ def _parse_uvarint(buf: bytearray) -> tuple[int | None, int]:
 
 
 async def open_stream(host: Any, peer_id: str, protocol: str, *, timeout: float) -> Any:
-    """Open a stream to a connected (or dialable) peer speaking ``protocol``.
+    """Open a stream to a connected (or dialable) peer, proposing ``protocol``.
 
-    Raises PeerUnreachable, ProtocolNotSupported, RequestTimeout or ConnectionLost.
-    The returned stream has no unread negotiation bytes.
+    Raises PeerUnreachable, RequestTimeout or ConnectionLost. The stream is returned as
+    soon as the proposal is written: its first read raises ProtocolNotSupported if the
+    peer does not speak ``protocol`` (the stream is then reset), else returns data past
+    the negotiation.
     """
     pid = ID.from_base58(peer_id)
     with trio.move_on_after(timeout):
@@ -93,14 +98,6 @@ async def open_stream(host: Any, peer_id: str, protocol: str, *, timeout: float)
         ok = False
         try:
             await stream.write(_encode_line(MULTISTREAM) + _encode_line(protocol.encode()))
-            reader = _LineReader(stream)
-            if await reader.line() != MULTISTREAM:
-                raise ProtocolNotSupported(f"{peer_id} does not speak multistream-select")
-            answer = await reader.line()
-            if answer != protocol.encode():
-                raise ProtocolNotSupported(f"{peer_id} does not support {protocol}")
-            if reader.leftover():
-                raise ProtocolNotSupported(f"{peer_id} sent data before the request")
             ok = True
         except BaseLibp2pError as err:
             raise ConnectionLost(f"stream to {peer_id} broke during negotiation") from err
@@ -108,8 +105,50 @@ async def open_stream(host: Any, peer_id: str, protocol: str, *, timeout: float)
             if not ok:
                 await _reset_quietly(stream)
         stream.set_protocol(TProtocol(protocol))
-        return stream
+        return LazyStream(stream, peer_id, protocol)
     raise RequestTimeout(f"opening {protocol} to {peer_id} took longer than {timeout}s")
+
+
+class LazyStream:
+    """A py-libp2p stream whose multistream answer is read with its first read."""
+
+    def __init__(self, stream: Any, peer_id: str, protocol: str) -> None:
+        self._stream = stream
+        self._peer_id = peer_id
+        self._protocol = protocol
+        self._negotiated = False
+        self._early = b""  # data the peer sent with its answer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    async def read(self, n: int | None = None) -> bytes:
+        if not self._negotiated:
+            await self._negotiate()
+        if self._early:
+            size = len(self._early) if n is None or n < 0 else n
+            early, self._early = self._early[:size], self._early[size:]
+            return early
+        data: bytes = await self._stream.read(n)
+        return data
+
+    async def _negotiate(self) -> None:
+        peer, protocol = self._peer_id, self._protocol
+        reader = _LineReader(self._stream)
+        ok = False
+        try:
+            if await reader.line() != MULTISTREAM:
+                raise ProtocolNotSupported(f"{peer} does not speak multistream-select")
+            if await reader.line() != protocol.encode():
+                raise ProtocolNotSupported(f"{peer} does not support {protocol}")
+            ok = True
+        except BaseLibp2pError as err:
+            raise ConnectionLost(f"stream to {peer} broke during negotiation") from err
+        finally:
+            if not ok:
+                await _reset_quietly(self._stream)
+        self._negotiated = True
+        self._early = reader.leftover()
 
 
 async def _reset_quietly(stream: Any) -> None:
