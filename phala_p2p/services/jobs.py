@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
@@ -55,6 +56,7 @@ from phala_p2p.jobs.payload import (
 from phala_p2p.jobs.session import Acked, DataReceived, State
 from phala_p2p.market.directory import Advert
 from phala_p2p.market.negotiation import Agreement
+from phala_p2p.market.negotiation import agreement_id as make_agreement_id
 from phala_p2p.market.receipt import CoSignedReceipt, JobReceipt, settle_body
 from phala_p2p.net.streams import RawStream
 from phala_p2p.services.chain import Receipt
@@ -138,6 +140,10 @@ class JobResult:
         return self.settlement
 
 
+class _Renegotiated(Exception):
+    """The agreement came from another proposal than the one the session was opened for."""
+
+
 class _Settling:
     """A settlement the node submits in the background."""
 
@@ -178,17 +184,32 @@ async def _pull(
 
 
 async def _chain_source(*parts: bytes | AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
+    """The parts in order; consecutive byte strings as one piece, up to COALESCE bytes (a
+    small job's header, module and input go out as one chunk)."""
+    held = bytearray()
     for part in parts:
         if isinstance(part, bytes | bytearray | memoryview):
-            if part:
-                yield bytes(part)
-        else:
-            async for piece in part:
-                yield piece
+            if len(held) + len(part) > COALESCE and held:
+                yield bytes(held)
+                held.clear()
+            held += part
+            continue
+        if held:
+            yield bytes(held)
+            held.clear()
+        async for piece in part:
+            yield piece
+    if held:
+        yield bytes(held)
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+COALESCE: Final = 1 << 20
+AGREEMENT_WAIT_S: Final = 10.0  # how long a hello may wait for its agreement to be made
+MAX_EARLY: Final = 64 * 1024  # what a client may send with its hello, before the keys
 
 
 class JobService:
@@ -338,11 +359,48 @@ class JobService:
             except ProtocolViolation:
                 return bytes(buf), b""
             assert isinstance(hello, ClientHello)
-            node = self._node
-            found = node.market.agreements.get(hello.agreement_id) if node.has_chain else None
+            if not self._node.has_chain:
+                return bytes(buf), b""
+            found, more, gone = await self._agreement_for(stream, hello.agreement_id)
+            if gone:
+                return None, b""
+            buf += more
             if found is not None:
                 agreement = encode(found)
         return bytes(buf), agreement
+
+    async def _agreement_for(
+        self, stream: RawStream, aid: bytes
+    ) -> tuple[Agreement | None, bytes, bool]:
+        """The agreement a hello names: a client opens its session while it negotiates, so
+        it may not be made yet. Waits for it (AGREEMENT_WAIT_S at most) unless the client
+        goes; returns it (None if it never came), what the client sent meanwhile, and
+        whether the client went."""
+        market = self._node.market
+        found = market.agreements.get(aid)
+        if found is not None:
+            return found, b"", False
+        more = bytearray()
+        gone = False
+
+        async def watch(scope: trio.CancelScope) -> None:
+            nonlocal gone
+            try:
+                while len(more) <= MAX_EARLY:
+                    data = await stream.read(4096)
+                    if not data:
+                        break
+                    more.extend(data)
+            except ConnectionLost:
+                pass
+            gone = True  # ended, broke, or sent more than a client would before its keys
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, nursery.cancel_scope)
+            found = await market.wait_agreement(aid, AGREEMENT_WAIT_S)
+            nursery.cancel_scope.cancel()
+        return found, bytes(more), gone
 
     def _took(self, step: Any) -> None:
         """Keep the receipts the enclave signed; a final one frees the agreement's slot and
@@ -496,25 +554,64 @@ class JobService:
         report = progress or (lambda _p: None)
         report(JobProgress("negotiating", total=total))
         advert = await self._choose(miner, total, max_fuel, max_price)
-        agreement = await self._node.market.negotiate(
-            advert, job_bytes=total, max_fuel=max_fuel, max_price=max_price, deadline=deadline
-        )
         stats = StreamStats()
         source = _chain_source(header, module, input)
         # The input is pulled by a task of its own, which outlives the connections: a drop
         # cancels the tasks of a connection, never a pull from the caller's iterator.
         pieces_in, pieces_out = trio.open_memory_channel[bytes](1)
-        run = _ClientRun(self, advert, agreement, pieces_out, total, on_output, report, stats)
-        left = agreement.terms.deadline_ms / 1000 - time.time()
+
+        def new_run(agreement_id: bytes) -> _ClientRun:
+            return _ClientRun(
+                self, advert, agreement_id, pieces_out, total, on_output, report, stats
+            )
+
+        # The session's stream opens while the agreement is negotiated: its hello names the
+        # agreement our proposal will make, and the miner holds it until that agreement
+        # exists, so the handshake costs no round trip of its own. The enclave opens the
+        # session only under an agreement whose terms we signed, so the job may go out
+        # once the keys are there; receipts are checked once the agreement is ours.
+        chain = self._node.chain
+        proposal_id = os.urandom(16)
+        run = new_run(make_agreement_id(chain.view.chain_id, chain.signer.public_key, proposal_id))
+        agreed: list[Agreement] = []
+
+        async def negotiate() -> None:
+            agreement = await self._node.market.negotiate(
+                advert,
+                job_bytes=total,
+                max_fuel=max_fuel,
+                max_price=max_price,
+                deadline=deadline,
+                proposal_id=proposal_id,
+            )
+            agreed.append(agreement)
+            if agreement.id != run.session.agreement_id:
+                raise _Renegotiated  # on another proposal (a new escrow): start afresh
+            run.agree(agreement)
+
+        async def pipelined() -> tuple[JobReceipt, JobFailed | None]:
+            async with trio.open_nursery() as pipe:
+                pipe.start_soon(negotiate)
+                outcome = await run.stream()
+            return outcome
+
         try:
             async with aclosing(source), trio.open_nursery() as nursery:
                 nursery.start_soon(_pull, source, pieces_in, total)
-                with trio.move_on_after(max(1.0, left)) as scope:
-                    final, failure = await run.stream()
+                with trio.move_on_after(max(1.0, deadline)) as scope:
+                    try:
+                        final, failure = await pipelined()
+                    except BaseExceptionGroup as group:
+                        if not agreed or group.subgroup(_Renegotiated) is None:
+                            raise
+                        run = new_run(agreed[0].id)
+                        run.agree(agreed[0])
+                        final, failure = await run.stream()
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise _one_error(group) from None
-        if scope.cancelled_caught:
+        agreement = run.agreement
+        if scope.cancelled_caught or agreement is None:
             raise RequestTimeout(f"the job was not done by its deadline ({deadline}s)")
         # a job that failed took only the input before its failure
         if final.bytes_in > run.sent or (failure is None and final.bytes_in != run.sent):
@@ -588,7 +685,7 @@ class _ClientRun:
         self,
         service: JobService,
         advert: Advert,
-        agreement: Agreement,
+        agreement_id: bytes,
         source: trio.MemoryReceiveChannel[bytes],
         total: int,
         on_output: Callable[[bytes], Awaitable[None]],
@@ -599,17 +696,22 @@ class _ClientRun:
         self.node = service._node
         self.config = cfg
         self.advert = advert
-        self.agreement = agreement
+        # The stream may open (and the handshake run) while the agreement is negotiated:
+        # no job data goes out before it is agreed.
+        self.agreement: Agreement | None = None
+        self._agreed = trio.Event()
         self.source = source
         self.total = total
         self.on_output = on_output
         self.report = report
         self.stats = stats
-        self.session = ClientJobSession.for_agreement(
-            agreement,
+        self.session = ClientJobSession(
+            agreement_id,
+            advert.enclave,
             JobConfig(chunk_size=cfg.chunk_size, window=cfg.window, grace_ms=int(cfg.grace * 1000)),
             client=self.node.chain.signer,
         )
+
         self.records = RecordDecoder()
         self.last: JobReceipt | None = None
         self.failure: JobFailed | None = None
@@ -622,11 +724,26 @@ class _ClientRun:
         self._held = memoryview(b"")  # input taken from the source, not yet sealed
         self._stale = False
 
+    def agree(self, agreement: Agreement) -> None:
+        """The agreement the session runs under: job data may go out."""
+        if agreement.id != self.session.agreement_id or agreement.terms.enclave != (
+            self.advert.enclave
+        ):
+            raise UsageError("the agreement is not the one this session was opened for")
+        self.agreement = agreement
+        self._agreed.set()
+        self.report(JobProgress("streaming", 0, self.total))
+
     def output_hash(self) -> bytes:
         return bytes(self._hash.digest())
 
     async def stream(self) -> tuple[JobReceipt, JobFailed | None]:
-        self.report(JobProgress("streaming", 0, self.total))
+        try:
+            await self._reach()
+        except (P2PError, trio.TooSlowError):
+            # the negotiation dials the miner too: it fails with its own error (and cancels
+            # us), or reaches the miner after all
+            await self._agreed.wait()
         failures = 0
         while True:
             received = self.stats.bytes_received
@@ -678,10 +795,11 @@ class _ClientRun:
             remaining = (deadline - _now_ms()) / 1000
             if remaining <= 0.05:
                 session.close()
-                escrow = self.agreement.terms.escrow_id.hex()[:12]
+                escrow = "" if self.agreement is None else self.agreement.terms.escrow_id.hex()
                 raise JobLost(
                     f"{self.advert.peer_id} was not reachable again within the grace period of "
-                    f"{self.config.grace}s ({err}); escrow {escrow} is refunded when it expires"
+                    f"{self.config.grace}s ({err}); escrow {escrow[:12]} is refunded when it "
+                    "expires"
                 )
             try:
                 with trio.fail_after(min(remaining, 5.0)):
@@ -822,6 +940,8 @@ class _ClientRun:
             elif isinstance(record, ReceiptRecord):
                 receipt = record.receipt
                 receipt.verify()
+                await self._agreed.wait()  # the enclave had it: its answer is on the way
+                assert self.agreement is not None
                 receipt.check_against(self.agreement.terms, self.last)
                 if receipt.bytes_out > self.received or receipt.bytes_in > self.sent:
                     raise ProtocolViolation(

@@ -61,6 +61,7 @@ from phala_p2p.market.advert import (
 from phala_p2p.market.directory import Advert, Constraints, Directory
 from phala_p2p.market.negotiation import (
     MAX_NEGOTIATE_MESSAGE,
+    PROPOSAL_ID_LEN,
     Agreement,
     Ask,
     ClientNegotiation,
@@ -103,6 +104,7 @@ PULL_COOLDOWN: Final = 2.0  # pull from one peer at most this often
 PULL_QUEUE: Final = 64
 ATTEST_CACHE_S: Final = 60.0
 ESCROW_WAIT_S: Final = 5.0  # how long a miner waits for its chain to reach a proposal's escrow
+MAX_AGREEMENT_WAITS: Final = 1024  # job sessions waiting for their agreement, at most
 SETTLE_MARGIN_BLOCKS: Final = 100
 
 
@@ -184,6 +186,7 @@ class MarketService:
         self._attested: OrderedDict[str, tuple[VerifiedMiner, float]] = OrderedDict()
         self._escrows: dict[bytes, int] = {}  # our escrows to refund at expiry -> height
         self._standing = _StandingEscrows()  # ours, reused by later agreements
+        self._agreement_waits: dict[bytes, trio.Event] = {}  # a miner's: see wait_agreement
         self._seq = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -651,6 +654,26 @@ class MarketService:
         self.agreements[agreement.id] = agreement
         while len(self.agreements) > 4096:
             self.agreements.popitem(last=False)
+        waiting = self._agreement_waits.pop(agreement.id, None)
+        if waiting is not None:
+            waiting.set()
+
+    async def wait_agreement(self, agreement_id: bytes, timeout: float) -> Agreement | None:
+        """A miner: the agreement ``agreement_id`` once it is made (a client may open its
+        job session while it negotiates), or None after ``timeout`` seconds."""
+        found = self.agreements.get(agreement_id)
+        if found is not None:
+            return found
+        event = self._agreement_waits.get(agreement_id)
+        if event is None:
+            if len(self._agreement_waits) >= MAX_AGREEMENT_WAITS:
+                return None
+            event = self._agreement_waits[agreement_id] = trio.Event()
+        with trio.move_on_after(timeout):
+            await event.wait()
+        if not event.is_set() and self._agreement_waits.get(agreement_id) is event:
+            del self._agreement_waits[agreement_id]
+        return self.agreements.get(agreement_id)
 
     def release(self, agreement_id: bytes) -> bool:
         """A miner: free the slot an agreement holds (its job is over)."""
@@ -670,6 +693,7 @@ class MarketService:
         deadline: float = 300.0,
         escrow_id: bytes | None = None,
         timeout: float = 30.0,
+        proposal_id: bytes | None = None,
     ) -> Agreement:
         """Reach an agreement with ``miner`` (an advert from :meth:`find_miners`, or its
         peer id) for a job of ``job_bytes`` input bytes and at most ``max_fuel`` fuel, to be
@@ -679,8 +703,14 @@ class MarketService:
         Attests the miner (a fresh quote over our nonce), opens an escrow of
         ``max_fuel * max_price`` for its operator (or uses ``escrow_id``), and negotiates.
         Raises NegotiationFailed (with ``reason``), AttestationError, or the network's typed
-        errors; RequestTimeout if ``timeout`` passes first.
+        errors; RequestTimeout if ``timeout`` passes first. ``proposal_id`` (16 bytes; default
+        random) fixes the agreement id in advance (``negotiation.agreement_id``), unless a
+        new escrow has to be opened half way, which takes a new proposal.
         """
+        if proposal_id is not None and (
+            not isinstance(proposal_id, bytes) or len(proposal_id) != PROPOSAL_ID_LEN
+        ):
+            raise UsageError(f"proposal_id must be {PROPOSAL_ID_LEN} bytes")
         advert = self.advert_of(miner)
         if isinstance(job_bytes, bool) or not isinstance(job_bytes, int) or job_bytes < 0:
             raise UsageError("job_bytes must be an int >= 0")
@@ -691,7 +721,7 @@ class MarketService:
         price = advert.price if max_price is None else max_price
         with trio.move_on_after(timeout) as scope:
             return await self._negotiate(
-                advert, job_bytes, max_fuel, price, bid, min_fuel, deadline, escrow_id
+                advert, job_bytes, max_fuel, price, bid, min_fuel, deadline, escrow_id, proposal_id
             )
         assert scope.cancelled_caught
         raise RequestTimeout(f"no agreement with {advert.peer_id} within {timeout}s")
@@ -717,12 +747,14 @@ class MarketService:
         min_fuel: int | None,
         deadline: float,
         escrow_id: bytes | None,
+        first_id: bytes | None,
     ) -> Agreement:
         node = self._node
         chain = node.chain
         fresh = False  # True: do not reuse a standing escrow (the miner found it short)
         while True:
-            proposal_id = os.urandom(16)
+            proposal_id = first_id or os.urandom(16)
+            first_id = None
             aid = agreement_id(chain.view.chain_id, chain.signer.public_key, proposal_id)
             held: list[_Backing] = []
             async with trio.open_nursery() as nursery:
