@@ -669,10 +669,12 @@ class MarketService:
             if len(self._agreement_waits) >= MAX_AGREEMENT_WAITS:
                 return None
             event = self._agreement_waits[agreement_id] = trio.Event()
-        with trio.move_on_after(timeout):
-            await event.wait()
-        if not event.is_set() and self._agreement_waits.get(agreement_id) is event:
-            del self._agreement_waits[agreement_id]
+        try:
+            with trio.move_on_after(timeout):
+                await event.wait()
+        finally:  # timed out, or the waiter went
+            if not event.is_set() and self._agreement_waits.get(agreement_id) is event:
+                del self._agreement_waits[agreement_id]
         return self.agreements.get(agreement_id)
 
     def release(self, agreement_id: bytes) -> bool:

@@ -19,7 +19,7 @@ from phala_p2p.chain.params import PPM
 from phala_p2p.chain.settlement import SubmitReceiptEvidence, cost
 from phala_p2p.config import JobsConfig, NodeConfig
 from phala_p2p.crypto.identity import Identity
-from phala_p2p.errors import Trap
+from phala_p2p.errors import NegotiationFailed, Trap
 from phala_p2p.market.receipt import JobReceipt, equivocation
 from phala_p2p.services.jobs import JobExecutionFailed, JobLost, JobProgress
 from phala_p2p.tee.executor import ExecutorLimits
@@ -120,6 +120,40 @@ async def test_job_runs_end_to_end_and_settles_exactly() -> None:
         assert state.balance(client.account) + left.amount == (
             client_before - paid - paid_too - 3 * fee
         )
+
+
+async def test_the_session_opens_while_the_agreement_is_negotiated() -> None:
+    """run_job opens its session with the proposal: a counter-offer (here, the miner moves
+    the deadline) makes the agreement one round later, under which the session runs; a
+    refusal ends the job with the negotiation's error, and the miner drops the hello that
+    waited for an agreement that will not come."""
+
+    def configure(i: int, cfg: NodeConfig) -> NodeConfig:
+        market = dataclasses.replace(cfg.market, max_deadline=60.0)
+        return _fast_jobs(i, cfg).with_(market=market)
+
+    async with open_devnet(
+        gatekeepers=1, miners=1, clients=1, seed=66, chain_params=FAST, configure=configure
+    ) as net:
+        client, miner = net.clients[0], net.miners[0]
+        await client.find_miners(wait=60)
+        started = time.time()
+        result = await client.run_job(wasm("uppercase.wat"), b"later", max_fuel=10**7)
+        assert result.output == b"LATER"
+        assert miner.metrics.get("proposals_answered", answer="counter") == 1
+        assert result.agreement.terms.deadline_ms <= (started + 61) * 1000
+        assert result.receipt.receipt.agreement_id == result.agreement.id
+
+        waits = miner.metrics.get("job_connections")
+        with trio.fail_after(5):  # not the miner's AGREEMENT_WAIT_S
+            with pytest.raises(NegotiationFailed) as refused:
+                await client.run_job(
+                    wasm("uppercase.wat"), b"x", max_fuel=10**7, max_price=1, miner=miner.peer_id
+                )
+        assert refused.value.reason == "price"
+        # the hello that came with the proposal never reached the enclave
+        await wait_until(lambda: not miner.market._agreement_waits, 5, message="hello dropped")
+        assert miner.metrics.get("job_connections") == waits
 
 
 async def test_failed_job_reports_the_error_and_settles_its_fuel() -> None:
