@@ -3,10 +3,11 @@
 
 agreement   client start to a co-signed agreement, p50/p99:
             cold: a new client node that knows only the bootstrap address (it syncs the
-            chain, pulls adverts, attests the miner, opens an escrow and negotiates);
-            warm: the same client again, directory and attestation cached;
+            chain, pulls adverts, attests the miner, opens a standing escrow and
+            negotiates); warm: the same client again, directory and attestation cached,
+            its standing escrow reused (no transaction on the way);
             baseline: one finalized transaction (submit -> receipt) in the same devnet,
-            since every agreement waits for its escrow to be finalized
+            which is what a cold agreement waits for
 convergence directories after a partition heals, miners re-advertising on both sides
             while cut; baseline: one /phala/market pull of every advert from one peer.
             With --processes (the default in `make bench`, 20 miners): every node but the
