@@ -24,6 +24,13 @@ def _key(value: bytes, what: str) -> None:
         raise ProtocolViolation(f"{what} must be 32 bytes")
 
 
+def _check_escrow_open(beneficiary: bytes, amount: int, expires_height: int) -> None:
+    _key(beneficiary, "escrow beneficiary")
+    _amount(amount, "escrow amount")
+    if not 0 < expires_height <= MAX_AMOUNT:
+        raise ProtocolViolation("escrow expiry out of range")
+
+
 @message(111)
 @dataclass(frozen=True)
 class Transfer:
@@ -67,10 +74,7 @@ class EscrowOpen:
     expires_height: int
 
     def validate(self) -> None:
-        _key(self.beneficiary, "escrow beneficiary")
-        _amount(self.amount, "escrow amount")
-        if not 0 < self.expires_height <= MAX_AMOUNT:
-            raise ProtocolViolation("escrow expiry out of range")
+        _check_escrow_open(self.beneficiary, self.amount, self.expires_height)
 
 
 @message(128)
@@ -86,10 +90,7 @@ class StandingEscrowOpen:
     expires_height: int
 
     def validate(self) -> None:
-        _key(self.beneficiary, "escrow beneficiary")
-        _amount(self.amount, "escrow amount")
-        if not 0 < self.expires_height <= MAX_AMOUNT:
-            raise ProtocolViolation("escrow expiry out of range")
+        _check_escrow_open(self.beneficiary, self.amount, self.expires_height)
 
 
 @message(115)
