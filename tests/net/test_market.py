@@ -157,6 +157,37 @@ async def test_miners_filter_and_directories_converge_after_a_partition_heals(
         assert took < 3.0, f"directories took {took:.2f}s to converge after the heal"
 
 
+async def test_a_standing_escrow_the_client_cannot_fund_eight_times_covers_one_job() -> None:
+    """The first escrow for an operator covers 8 jobs; a client that cannot fund that gets
+    one for this job, and the next agreement, which that escrow no longer covers, one of
+    its own."""
+
+    def configure(i: int, cfg: NodeConfig) -> NodeConfig:
+        if cfg.role is Role.MINER:
+            return cfg.with_(market=MarketConfig(price=1_000_000, slots=4))  # a token a fuel
+        return cfg
+
+    async with open_devnet(
+        gatekeepers=1, miners=1, clients=1, seed=53, chain_params=FAST, configure=configure
+    ) as net:
+        client = net.clients[0]
+        (advert,) = await client.find_miners(wait=60)
+        balance = client.chain.state.balance(client.account)
+        fuel = balance // 5  # one job's maximum is a fifth of the balance: 8 would be 1.6x it
+        first = await client.negotiate(advert, job_bytes=1_000, max_fuel=fuel)
+        escrow = client.chain.state.escrow(first.terms.escrow_id)
+        assert escrow is not None
+        assert escrow.standing
+        assert escrow.amount == first.terms.max_payment == fuel
+        second = await client.negotiate(advert, job_bytes=1_000, max_fuel=fuel)
+        assert second.terms.escrow_id != first.terms.escrow_id
+        assert client.metrics.get("escrows_opened", standing="true") == 2
+        assert client.metrics.get("escrows_reused") == 0
+        again = client.chain.state.escrow(second.terms.escrow_id)
+        assert again is not None
+        assert again.amount == fuel
+
+
 async def test_negotiation_counters_refusals_expiry_and_idempotent_retry() -> None:
     def configure(i: int, cfg: NodeConfig) -> NodeConfig:
         if cfg.role is Role.MINER:
