@@ -897,8 +897,12 @@ class _ClientRun:
                 continue  # the session may have changed while we waited: look again
             room = session.send_room
             data, self._held = bytes(self._held[:room]), self._held[room:]
-            session.send(data)
+            # the agreed size reached: this chunk ends our stream (no empty final chunk
+            # after it, which would cost the enclave one more call)
+            last = self.sent + len(data) == self.total
+            session.send(data, final=last)
             self.sent += len(data)
+            self._input_done = last
             await self._write(stream)
             self.report(
                 JobProgress("streaming", self.sent, self.total, self.received, self.stats.resumes)
