@@ -999,20 +999,17 @@ async def _run_job(plan: _JobPlan) -> int:
     summary: dict[str, Any] | None = None
     error: str | None = None
     code = 0
-    interrupted = False
+    interrupted = trio.Event()
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-
-                async def stop_on_signal() -> None:
-                    nonlocal interrupted
-                    async for _sig in signals:
-                        interrupted = True
-                        plan.source.abort()
-                        nursery.cancel_scope.cancel()
-                        return
-
-                nursery.start_soon(stop_on_signal)
+                nursery.start_soon(
+                    cli_chain.cancel_on_signal,
+                    signals,
+                    nursery.cancel_scope,
+                    interrupted,
+                    plan.source.abort,
+                )
                 nursery.start_soon(status.run)
 
                 async def job(node: Node) -> None:
@@ -1040,7 +1037,7 @@ async def _run_job(plan: _JobPlan) -> int:
         plan.source.abort()
         with trio.CancelScope(shield=True):
             await plan.source.aclose()
-    if interrupted:
+    if interrupted.is_set():
         _write_stderr(view.finish() if view is not None else "")
         fail("interrupted")
         return 130

@@ -19,7 +19,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -493,6 +493,22 @@ def run(args: argparse.Namespace) -> int:
     return int(trio.run(execute, p))
 
 
+async def cancel_on_signal(
+    signals: AsyncIterator[int],
+    scope: trio.CancelScope,
+    interrupted: trio.Event,
+    first: Callable[[], None] | None = None,
+) -> None:
+    """At the first of ``signals`` (SIGINT, SIGTERM): ``first()``, set ``interrupted`` and
+    cancel ``scope`` (the command's)."""
+    async for _sig in signals:
+        if first is not None:
+            first()
+        interrupted.set()
+        scope.cancel()
+        return
+
+
 async def execute(p: Plan) -> int:
     """Start the client node, do the command, stop; print the report; the exit status."""
 
@@ -508,18 +524,10 @@ async def execute(p: Plan) -> int:
     report: Report | None = None
     error: str | None = None
     code = 0
-    interrupted = False
+    interrupted = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-
-            async def stop_on_signal() -> None:
-                nonlocal interrupted
-                async for _sig in signals:
-                    interrupted = True
-                    nursery.cancel_scope.cancel()
-                    return
-
-            nursery.start_soon(stop_on_signal)
+            nursery.start_soon(cancel_on_signal, signals, nursery.cancel_scope, interrupted)
             try:
                 report = await with_client_node(p.config, work)
             except NodeStartFailed as err:
@@ -527,7 +535,7 @@ async def execute(p: Plan) -> int:
             except (P2PError, OSError, TimeoutError) as err:
                 code, error = 1, str(err) or type(err).__name__
             nursery.cancel_scope.cancel()
-    if interrupted:
+    if interrupted.is_set():
         fail("interrupted")
         return 130
     if report is not None:

@@ -229,20 +229,8 @@ class Node:
         return peer
 
     async def _dial(self, info: Any) -> None:
-        network = self.host.get_network()
-        listed = network.connections.get(info.peer_id)
-        if not listed or _live(listed):
-            await self.host.connect(info)
-            return
-        # Only closed connections are listed (py-libp2p drops them a little later):
-        # host.connect would take them for a connection, and with one connection per peer
-        # the swarm would trim a new one in favour of the listed one. Forget them and dial.
-        del network.connections[info.peer_id]
-        self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 120)
-        for conn in await network.dial_peer(info.peer_id):
-            started = getattr(conn, "event_started", None)
-            if started is not None:
-                await started.wait()
+        self.host.get_network().forget_closed(info.peer_id)  # else connect would not dial
+        await self.host.connect(info)
 
     def _on_role(self, peer_id: str, role: str) -> None:
         if role in ("bootstrap", "gatekeeper") and self._nursery is not None:

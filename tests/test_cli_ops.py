@@ -7,6 +7,7 @@ refuses is one line with its reason and exit status 1."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -355,3 +356,30 @@ def test_a_gatekeepers_config_signs_as_its_account_from_a_client_of_its_own(
     assert plan.config.wallet_key == keeper.key_file
     assert plan.config.genesis == made.path
     assert plan.options["amount"] == 7
+
+
+async def test_a_signal_stops_a_waiting_command_with_status_130(offline: list[str]) -> None:
+    """SIGINT while the command waits for the network: one line, status 130."""
+    proc = await trio.lowlevel.open_process(
+        [*CLI, "chain", "status", "--wait", "60", *offline],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    seen = bytearray()
+    try:
+        with trio.fail_after(30):
+            while b"connecting to the network" not in seen:
+                chunk = await proc.stderr.receive_some(4096)
+                assert chunk, seen.decode()
+                seen += chunk
+            proc.send_signal(signal.SIGINT)
+            async for chunk in proc.stderr:
+                seen += chunk
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 130, seen.decode()
+    assert seen.decode().splitlines()[-1] == "phala-p2p: error: interrupted"

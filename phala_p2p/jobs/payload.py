@@ -174,9 +174,7 @@ class RecordDecoder:
         if kind is RecordType.RECEIPT:
             receipt = decode(payload, max_size=MAX_RECEIPT, expect=JobReceipt)
             if self.failed and not receipt.final:
-                raise ProtocolViolation(
-                    "an intermediate receipt after FAILED", reason="bad_record"
-                )
+                raise ProtocolViolation("an intermediate receipt after FAILED", reason="bad_record")
             self.final_seen = receipt.final
             return ReceiptRecord(receipt)
         failed = FailedRecord(decode(payload, max_size=MAX_FAILED, expect=JobFailed))

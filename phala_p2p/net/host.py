@@ -123,16 +123,7 @@ class GatedSwarm(Swarm):
             logger.debug("closing %s connection from denied peer %s", direction, peer_id)
             await muxed_conn.close()
             raise SwarmException(f"peer {peer_id} is denied by the gate")
-        listed = self.connections.get(peer_id, [])
-        if any(c.is_closed for c in listed):
-            # py-libp2p lists a closed connection until its cleanup task runs, which may be
-            # seconds under load: it must neither win over this one as "existing" nor have
-            # the per-peer limit trim this one in its favour.
-            live = [c for c in listed if not c.is_closed]
-            if live:
-                self.connections[peer_id] = live
-            else:
-                del self.connections[peer_id]
+        self.forget_closed(peer_id)
         existing = [c for c in self.connections.get(peer_id, []) if c.muxed_conn is not muxed_conn]
         if not existing:
             return await super().add_conn(muxed_conn, direction)
@@ -153,6 +144,19 @@ class GatedSwarm(Swarm):
             logger.debug("%s connected again: closing the older connection", peer_id)
             await old.close()
         return conn
+
+    def forget_closed(self, peer_id: ID) -> None:
+        """Drop the closed connections listed for ``peer_id``. py-libp2p lists one until its
+        cleanup task runs, which may be seconds under load, and meanwhile ``host.connect``
+        takes it for a connection (and dials nothing), a new connection may be closed in its
+        favour as the "existing" one, and the per-peer limit may trim the new one."""
+        listed = self.connections.get(peer_id, [])
+        if any(c.is_closed for c in listed):
+            live = [c for c in listed if not c.is_closed]
+            if live:
+                self.connections[peer_id] = live
+            else:
+                del self.connections[peer_id]
 
     def _preferred(self, peer_id: ID, we_dialed: bool) -> bool:
         return we_dialed == (str(self.self_id) < str(peer_id))

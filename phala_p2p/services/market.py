@@ -1004,10 +1004,8 @@ class _StandingEscrows:
     def lock(self, operator: bytes) -> trio.Lock:
         lock = self._locks.get(operator)
         if lock is None:
-            for op in [o for o, k in self._locks.items() if not k.locked()]:
-                if len(self._locks) < 1024:
-                    break
-                del self._locks[op]
+            if len(self._locks) >= 1024:  # keep the ones in use (no task waits on a free one)
+                self._locks = {o: k for o, k in self._locks.items() if k.locked()}
             lock = self._locks[operator] = trio.Lock()
         return lock
 
