@@ -658,6 +658,11 @@ class MarketService:
         if waiting is not None:
             waiting.set()
 
+    @property
+    def hellos_waiting(self) -> int:
+        """A miner: job sessions whose hello waits for its agreement to be made."""
+        return len(self._agreement_waits)
+
     async def wait_agreement(self, agreement_id: bytes, timeout: float) -> Agreement | None:
         """A miner: the agreement ``agreement_id`` once it is made (a client may open its
         job session while it negotiates), or None after ``timeout`` seconds."""

@@ -152,7 +152,7 @@ async def test_the_session_opens_while_the_agreement_is_negotiated() -> None:
                 )
         assert refused.value.reason == "price"
         # the hello that came with the proposal never reached the enclave
-        await wait_until(lambda: not miner.market._agreement_waits, 5, message="hello dropped")
+        await wait_until(lambda: miner.market.hellos_waiting == 0, 5, message="hello dropped")
         assert miner.metrics.get("job_connections") == waits
 
 
