@@ -247,14 +247,18 @@ class Node:
         """Close every connection to ``peer_id``: politely for up to 2 s, then by closing its
         sockets (a peer whose network went silent never lets a polite close finish)."""
         peer = ID.from_base58(peer_id)
+        # these, not a connection made meanwhile (a job resuming at once, say)
+        listed = list(self.host.get_network().connections.get(peer) or [])
+        network = self.host.get_network()
         with trio.CancelScope(shield=True):
             with trio.move_on_after(DISCONNECT_GRACE_S):
-                try:
-                    await self.host.disconnect(peer)
-                except BaseLibp2pError as err:
-                    logger.debug("disconnect %s: %s", peer_id, err)
+                for conn in listed:
+                    network.cleanup_connection_health(peer, conn)
+                    try:
+                        await conn.close()
+                    except (BaseLibp2pError, OSError) as err:
+                        logger.debug("disconnect %s: %s", peer_id, err)
             # a close cut short may leave a connection marked closed on an open socket
-            listed = self.host.get_network().connections.get(peer) or []
             live = [c for c in listed if not getattr(c, "is_closed", False)]
             if abort_sockets(listed) and live:
                 self.metrics.count("connections_aborted")
