@@ -332,6 +332,11 @@ class GossipService:
             heartbeat_initial_delay=0.1,
             spam_protection_enabled=False,
             eclipse_protection_enabled=False,
+            # "Adaptive gossip" stretches the heartbeat to 30-60 s whenever it rates the
+            # network's health low, which a partition or a few lost peers does: the mesh is
+            # then not re-formed for a minute, and the message cache is not shifted, so every
+            # new peer is replayed an ever longer backlog.
+            adaptive_gossip_enabled=False,
         )
         self.router.on_drop = self._on_relay_drop
         self.router.is_connected = connected

@@ -120,6 +120,38 @@ async def test_partition_keeps_messages_on_their_side_and_heal_reforms_mesh() ->
                     msg = await sub.receive()
 
 
+async def test_heartbeat_keeps_its_interval_when_the_router_rates_the_network_poorly() -> None:
+    """py-libp2p rates the network's health every 30 s and, when the mesh is below its
+    target degree (any network under 7 peers, or one that lost peers to a partition),
+    stretched the heartbeat to 30-60 s: the mesh was not re-formed and the gossip window
+    did not move for a minute. Here the rating is made due at once (its 30 s timer is the
+    only thing skipped) and both must still happen within a few heartbeats."""
+    async with open_devnet(peers=3, seed=4) as net:
+        subs = [await n.subscribe(TOPIC) for n in net.nodes]
+        await _meshed(net, TOPIC, subs)
+        routers = [n.gossip.router for n in net.nodes]
+        for r in routers:
+            r.last_health_update = 0  # the 30 s rating is due at the next heartbeat
+
+        # the gossip window moves on: a message leaves it after 3 heartbeats (3 s)
+        await net.nodes[0].publish(TOPIC, b"m")
+        for sub in subs:
+            with trio.fail_after(10):
+                assert (await sub.receive()).data == b"m"
+        await wait_until(lambda: not any(r.mcache.window(TOPIC) for r in routers), 8)
+
+        # a node cut off from everyone has its mesh back within a few heartbeats of the heal
+        lone, rest = net.nodes[:1], net.nodes[1:]
+        await net.partition(lone, rest)
+        await wait_until(lambda: not net.nodes[0].gossip.mesh_peers(TOPIC), 10)
+        await net.heal()
+        await wait_until(
+            lambda: all(len(n.gossip.mesh_peers(TOPIC)) >= 2 for n in net.nodes),
+            8,
+            message="mesh after the heal",
+        )
+
+
 async def test_validator_verdicts_and_penalties() -> None:
     async with open_devnet(peers=3, seed=3) as net:
         a = net.nodes[0]
