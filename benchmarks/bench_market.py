@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -165,7 +166,7 @@ async def bench_convergence(miners: int, rounds: int) -> None:
                 message="re-adverts",
             )
             fresh = net.advert_seqs()
-            await net.heal()
+            healing = net.heal()  # redials start now; convergence counts from here
             t0 = trio.current_time()
             await wait_until(
                 lambda fresh=fresh: all(n.market.directory.covers(fresh) for n in everyone),
@@ -173,6 +174,7 @@ async def bench_convergence(miners: int, rounds: int) -> None:
                 message="convergence",
             )
             times.append(trio.current_time() - t0)
+            await healing
         line(f"convergence after heal, {miners} miners", times, baseline)
 
 
@@ -225,16 +227,28 @@ async def bench_convergence_processes(miners: int, rounds: int) -> None:
                 message="re-adverts",
             )
             fresh = {m.peer_id: m.directory[m.peer_id] for m in net.miners}
-            t_heal = trio.current_time()
-            await net.heal()
-            redials.append(trio.current_time() - t_heal)
-            took = await net.convergence(fresh, timeout=120)
+            # Counted from the heal's start: its redials (some 140 Noise handshakes on 2
+            # cores) run meanwhile, and the first pulls across the cut converge everyone.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_timed, net.heal, redials)
+                took = await net.convergence(fresh, timeout=120)
             slowest = max(took, key=lambda name: took[name])
             times.append(took[slowest])
-            print(f"  round {i}: {took[slowest]:.2f} s (last: {slowest})", flush=True)
+            spread = sorted(took.values())
+            print(
+                f"  round {i}: {took[slowest]:.2f} s (last: {slowest}; first {spread[0]:.2f} s, "
+                f"median {statistics.median(spread):.2f} s)",
+                flush=True,
+            )
         net.check()
-        print(f"{'heal(): every cut pair redialed':<34} p50 {statistics.median(redials):7.1f} s")
+        print(f"{'heal: every cut pair redialed':<34} p50 {statistics.median(redials):7.1f} s")
         line(f"convergence after heal, {miners} miners (processes)", times, baseline)
+
+
+async def _timed(fn: Callable[[], Awaitable[None]], out: list[float]) -> None:
+    start = trio.current_time()
+    await fn()
+    out.append(trio.current_time() - start)
 
 
 def main() -> None:
