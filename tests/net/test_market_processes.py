@@ -92,12 +92,13 @@ async def test_twenty_miner_processes_filter_and_converge_within_3s_of_a_heal() 
         for view in net.directories(right):
             assert all(view.get(p, -1) < s for p, s in left_fresh.items())
 
-        # -- heal: the first pull across the cut is relayed by gossip to both sides. heal()
-        # returns once every cut pair is connected again (on 2 cores, some 140 Noise
-        # handshakes take 10-20 s); the 3 s count from there.
+        # -- heal: the first pulls across the cut are relayed by gossip to both sides. The
+        # 3 s count from the heal's start, while its redials (some 90 cut pairs, each a
+        # Noise handshake and a new peer for every protocol, on 2 cores) still run.
         counters = await _market_counters(net)
-        await net.heal()
-        took = {k: round(v, 2) for k, v in (await net.convergence(fresh, timeout=30)).items()}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(net.heal)
+            took = {k: round(v, 2) for k, v in (await net.convergence(fresh, timeout=30)).items()}
         net.check()
         slowest = sorted(took.items(), key=lambda kv: kv[1])[-3:]
         if max(took.values()) < 3.0:
@@ -111,8 +112,8 @@ async def test_twenty_miner_processes_filter_and_converge_within_3s_of_a_heal() 
         report = f"converged after the heal in {slowest}; counters: {moved}"
         # Without the relay of pulled adverts, convergence waits for anti-entropy and the
         # miners' own re-adverts (measured 10-37 s): that is a failure. Between 3 s and that,
-        # the issue's target is missed: open (on 2 shared cores, market requests time out
-        # while 140 connections are re-established; about one run in two).
+        # the issue's target is missed: open (on 2 shared cores the last directory converges
+        # 4-5 s after the heal's start, while the redials take 7-10 s).
         assert max(took.values()) < 9.0, report
         print(f"3 s target missed: {report}")  # shown with -s or -rP
         pytest.xfail(f"3 s target missed: {report}")
