@@ -284,6 +284,9 @@ def _print_genesis(made: GenesisDir, as_json: bool) -> None:
 HELLO_TOPIC = "phala/hello/1"
 
 
+WRITE_BATCH = 256  # event lines written at most per worker-thread call
+
+
 class _Output:
     """Event lines for stdout, written by a worker thread so that a reader that falls behind
     (or stops reading) never stalls the node. The queue is bounded: a line that does not fit
@@ -307,7 +310,15 @@ class _Output:
 
     async def run(self) -> None:
         async for line in self._recv:
-            await _write_in_thread(line)
+            # Whatever else is queued goes out in the same write: one worker thread per
+            # batch, not per line (a directory that changes 20 times in a second is 20 events).
+            lines = [line]
+            while len(lines) < WRITE_BATCH:
+                try:
+                    lines.append(self._recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await _write_in_thread("\n".join(lines))
             if self.dropped > self._reported and self._recv.statistics().current_buffer_used == 0:
                 lost, self._reported = self.dropped - self._reported, self.dropped
                 event = {"event": "dropped", "lines": lost}

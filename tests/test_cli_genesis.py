@@ -17,7 +17,7 @@ from phala_p2p import cli
 from phala_p2p.chain.params import Genesis
 from phala_p2p.config import NodeConfig, Role
 from phala_p2p.crypto.keyfile import KEY_FILE_NAME, read_identity
-from phala_p2p.testing import derive_identity
+from phala_p2p.testing import derive_identity, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVNET = ROOT / "bootstrap" / "devnet.toml"
@@ -212,6 +212,25 @@ async def test_output_queue_is_bounded_and_counts_drops() -> None:
     for height in range(5):
         out.emit({"event": "block", "height": height}, "")
     assert out.dropped == 3
+
+
+async def test_output_writes_every_queued_line_in_order(capsys: pytest.CaptureFixture[str]) -> None:
+    out = cli._Output(as_json=True, capacity=600)
+    for height in range(500):  # more than one batch
+        out.emit({"event": "block", "height": height}, "")
+    text = ""
+
+    def written() -> int:
+        nonlocal text
+        text += capsys.readouterr().out
+        return text.count("\n")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(out.run)
+        await wait_until(lambda: written() >= 500, 10, message="500 lines written")
+        nursery.cancel_scope.cancel()
+    assert [json.loads(line)["height"] for line in text.splitlines()] == list(range(500))
+    assert out.dropped == 0
 
 
 async def read_events(proc: trio.Process, until: int) -> list[dict[str, object]]:
