@@ -9,6 +9,7 @@ the host itself: Noise only, Yamux only, one connection per peer, and a swarm th
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import time
@@ -154,7 +155,30 @@ class GatedSwarm(Swarm):
 
     async def upgrade_inbound_raw_conn(self, raw_conn: Any, maddr: multiaddr.Multiaddr) -> Any:
         async with self._upgrading_in:
-            return await super().upgrade_inbound_raw_conn(raw_conn, maddr)
+            muxed = await super().upgrade_inbound_raw_conn(raw_conn, maddr)
+        handler = _INBOUND_HANDLER.get(None)
+        if handler is not None:  # end the handler when this connection ends
+            conn = next(
+                (c for c in self.connections.get(muxed.peer_id, []) if c.muxed_conn is muxed),
+                None,
+            )
+            handler.start_soon(_cancel_when_closed, conn, handler.cancel_scope)
+        return muxed
+
+    async def _do_handle_inbound_connection(
+        self, read_write_closer: Any, maddr: multiaddr.Multiaddr, failure_event: Any
+    ) -> None:
+        # py-libp2p keeps each inbound connection's handler until the swarm stops, and
+        # with it a slot of the inbound limit (max_connections) that the handler holds: after
+        # max_connections inbound connections in the node's life, every new one was refused.
+        # The handler now ends with its connection.
+        async with trio.open_nursery() as handler:
+            token = _INBOUND_HANDLER.set(handler)
+            try:
+                await super()._do_handle_inbound_connection(read_write_closer, maddr, failure_event)
+            finally:
+                _INBOUND_HANDLER.reset(token)
+            handler.cancel_scope.cancel()  # it returned by itself: a failed upgrade
 
     def _schedule_auto_connect(self) -> None:
         return
@@ -211,6 +235,15 @@ class GatedSwarm(Swarm):
     def clear_dial_failures(self) -> None:
         """Forget recent dial failures (the swarm would otherwise refuse to redial for 60 s)."""
         self._negative_peer_cache.clear()
+
+
+_INBOUND_HANDLER: contextvars.ContextVar[trio.Nursery] = contextvars.ContextVar("inbound_handler")
+
+
+async def _cancel_when_closed(conn: Any, scope: trio.CancelScope) -> None:
+    if conn is not None:
+        await conn.event_closed.wait()
+    scope.cancel()
 
 
 def _outbound(direction: Any) -> bool:

@@ -16,6 +16,7 @@ from libp2p.peer.id import ID
 
 from phala_p2p import NodeConfig, Role, open_node
 from phala_p2p.errors import UsageError
+from phala_p2p.net.host import HostLimits
 from phala_p2p.testing import open_devnet, wait_until
 
 
@@ -160,6 +161,28 @@ async def test_one_bootstrap_address_is_enough_to_find_everyone() -> None:
         )
         roles = net.nodes[0].discovery.roles
         assert roles.get(net.bootstrap.peer_id) == "bootstrap"
+
+
+async def test_inbound_connections_past_max_connections_over_a_lifetime_are_accepted() -> None:
+    """py-libp2p held a slot of the inbound limit (max_connections) for every inbound
+    connection until the swarm stopped: after max_connections of them in the node's life,
+    closed or not, every new one was refused."""
+    limits = HostLimits(max_connections=3)
+    async with open_node(NodeConfig(limits=limits)) as listener, open_node(NodeConfig()) as dialer:
+        listener.serve("/test/echo/1.0.0", _echo)
+        for i in range(3 * limits.max_connections):
+            with trio.fail_after(10):
+                await dialer.connect(listener.listen_addrs[0])
+                reply = await dialer.request(listener.peer_id, "/test/echo/1.0.0", b"%d" % i)
+            assert reply == b"%d" % i
+            await dialer.disconnect(listener.peer_id)
+            await wait_until(
+                lambda: not listener.is_connected(dialer.peer_id), 10, message="disconnected"
+            )
+
+
+async def _echo(peer: str, request: bytes) -> bytes:
+    return request
 
 
 def test_config_validation_and_toml(tmp_path: Path) -> None:
