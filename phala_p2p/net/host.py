@@ -109,10 +109,6 @@ class PeerGate:
         return [p for p in list(self._until) if self.is_denied(p)]
 
 
-UPGRADES_AT_ONCE = 2
-"""Connections being secured and multiplexed at once, each way (inbound, outbound)."""
-
-
 class _NoAutoConnect(AutoConnector):
     """py-libp2p's auto-connector dials every peer in the peerstore (which gossip's signed
     peer records fill with the whole network) every 30 s and after every disconnect, toward
@@ -138,24 +134,9 @@ class GatedSwarm(Swarm):
         self.auto_connector = _NoAutoConnect(
             swarm=self, auto_connect_interval=self.connection_config.auto_connect_interval
         )
-        # Connections are secured and multiplexed a few at a time each way. When a
-        # partition heals, every cut pair redials at once: unbounded, each handshake (and
-        # what follows a new connection) shares the CPU with all the others and all of
-        # them finish late; bounded, the first connections are up at once and carry what
-        # the node missed while the rest queue. Two limiters, so that a dial waiting for
-        # the other side never holds a slot that the other side's dial waits for.
-        self._upgrading_out = trio.CapacityLimiter(UPGRADES_AT_ONCE)
-        self._upgrading_in = trio.CapacityLimiter(UPGRADES_AT_ONCE)
-
-    async def upgrade_outbound_raw_conn(
-        self, raw_conn: Any, peer_id: ID, pre_scope: Any = None
-    ) -> Any:
-        async with self._upgrading_out:
-            return await super().upgrade_outbound_raw_conn(raw_conn, peer_id, pre_scope)
 
     async def upgrade_inbound_raw_conn(self, raw_conn: Any, maddr: multiaddr.Multiaddr) -> Any:
-        async with self._upgrading_in:
-            muxed = await super().upgrade_inbound_raw_conn(raw_conn, maddr)
+        muxed = await super().upgrade_inbound_raw_conn(raw_conn, maddr)
         handler = _INBOUND_HANDLER.get(None)
         if handler is not None:  # end the handler when this connection ends
             conn = next(
