@@ -25,7 +25,6 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.host.basic_host import BasicHost
-from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.exceptions import SwarmException
 from libp2p.network.swarm import Swarm
@@ -109,31 +108,10 @@ class PeerGate:
         return [p for p in list(self._until) if self.is_denied(p)]
 
 
-class _NoAutoConnect(AutoConnector):
-    """py-libp2p's auto-connector dials every peer in the peerstore (which gossip's signed
-    peer records fill with the whole network) every 30 s and after every disconnect, toward
-    (low + high watermark) / 2 connections: it made every devnet a full mesh, whatever
-    ``[discovery] target_peers`` said, and a healed partition a storm of handshakes. Whom
-    to dial is ``phala_p2p.net.discovery``'s job."""
-
-    async def run_background_task(self, nursery: trio.Nursery) -> None:
-        return
-
-    async def maybe_connect(self) -> None:
-        return
-
-
 class GatedSwarm(Swarm):
-    """A swarm that refuses denied peers on dial and on connection, both directions, and
-    dials only when asked (no auto-connector)."""
+    """A swarm that refuses denied peers on dial and on connection, both directions."""
 
     gate: PeerGate
-
-    def _init_connection_management(self) -> None:
-        super()._init_connection_management()
-        self.auto_connector = _NoAutoConnect(
-            swarm=self, auto_connect_interval=self.connection_config.auto_connect_interval
-        )
 
     async def upgrade_inbound_raw_conn(self, raw_conn: Any, maddr: multiaddr.Multiaddr) -> Any:
         muxed = await super().upgrade_inbound_raw_conn(raw_conn, maddr)
@@ -160,9 +138,6 @@ class GatedSwarm(Swarm):
             finally:
                 _INBOUND_HANDLER.reset(token)
             handler.cancel_scope.cancel()  # it returned by itself: a failed upgrade
-
-    def _schedule_auto_connect(self) -> None:
-        return
 
     async def dial_peer(self, peer_id: ID) -> Any:
         if self.gate.is_denied(str(peer_id)):
