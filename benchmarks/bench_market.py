@@ -227,8 +227,9 @@ async def bench_convergence_processes(miners: int, rounds: int) -> None:
                 message="re-adverts",
             )
             fresh = {m.peer_id: m.directory[m.peer_id] for m in net.miners}
-            # Counted from the heal's start: its redials (some 140 Noise handshakes on 2
-            # cores) run meanwhile, and the first pulls across the cut converge everyone.
+            # Counted from the heal's start: its redials (some 100 cut pairs, each a Noise
+            # handshake, on 2 cores) run meanwhile, and the first pulls across the cut
+            # converge everyone.
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_timed, net.heal, redials)
                 took = await net.convergence(fresh, timeout=120)

@@ -12,6 +12,9 @@ What py-libp2p 0.8 gets wrong by default, and what this module does instead:
   bounded buffers, and overflow is counted;
 - boolean validators: ours return ACCEPT / REJECT / IGNORE with a reason; REJECT
   penalises the forwarding peer, and repeated offenders are disconnected and denied;
+- "adaptive gossip" stretches the heartbeat to 30-60 s whenever it rates the mesh below
+  its target degree (under 7 peers, or after a partition): off, so meshes are repaired and
+  the message cache shifts every second;
 - GossipSub v1.2's IDONTWANT path loses messages under bursts: we speak v1.1 (the
   scoring-era spec our parameters come from) until py-libp2p fixes it.
 
@@ -332,11 +335,7 @@ class GossipService:
             heartbeat_initial_delay=0.1,
             spam_protection_enabled=False,
             eclipse_protection_enabled=False,
-            # "Adaptive gossip" stretches the heartbeat to 30-60 s whenever it rates the
-            # network's health low, which a partition or a few lost peers does: the mesh is
-            # then not re-formed for a minute, and the message cache is not shifted, so every
-            # new peer is replayed an ever longer backlog.
-            adaptive_gossip_enabled=False,
+            adaptive_gossip_enabled=False,  # see the module docstring
         )
         self.router.on_drop = self._on_relay_drop
         self.router.is_connected = connected

@@ -3,7 +3,9 @@
 py-libp2p's ``new_host`` accepts plaintext and secio, dials with a 250 ms delay when a peer
 may have several connections, and has no way to refuse a peer by id. This module builds
 the host itself: Noise only, Yamux only, one connection per peer, and a swarm that asks a
-:class:`PeerGate` before every dial and every new connection, in both directions.
+:class:`PeerGate` before every dial and every new connection, in both directions, and
+whose inbound connections give back their slot of the inbound limit when they close
+(py-libp2p's held it until the swarm stopped).
 """
 
 from __future__ import annotations
