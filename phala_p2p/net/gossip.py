@@ -223,6 +223,10 @@ class _Pubsub(Pubsub):
 
     on_bad_stream: Callable[[str, str], None]
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.opening: dict[ID, trio.Lock] = {}  # peers whose stream is being opened
+
     def notify_subscriptions(self, publish_message: Any) -> None:
         self.dispatch(publish_message)
 
@@ -245,6 +249,20 @@ class _Pubsub(Pubsub):
                     await stream.reset()
                 except BaseLibp2pError:
                     pass
+
+    async def _handle_new_peer(self, peer_id: ID) -> None:
+        # py-libp2p starts one of these per connection event and per retry; two at once
+        # for one peer both found it unregistered, both opened a stream and registered it,
+        # and the first stream and its send task were left behind. One at a time per peer:
+        # the second finds the peer registered and returns.
+        opening = self.opening
+        lock = opening.setdefault(peer_id, trio.Lock())
+        try:
+            async with lock:
+                await super()._handle_new_peer(peer_id)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                opening.pop(peer_id, None)
 
     async def write_msg(self, stream: Any, rpc_msg: Any) -> bool:
         locks: weakref.WeakKeyDictionary[Any, trio.Lock] = self.__dict__.setdefault(
@@ -282,6 +300,11 @@ def _message_id(msg: Any) -> bytes:
 
 REANNOUNCE_EVERY = 5
 """Seconds between the repeats of our subscriptions to every peer, after the first three."""
+
+STREAM_REPAIR_TIMEOUT = 10.0
+"""Seconds a repair keeps trying to open a connected peer's pubsub stream."""
+STREAM_REPAIR_BACKOFF = 30.0
+"""Seconds before a peer whose repair failed (it may not speak pubsub) is tried again."""
 
 
 class GossipService:
@@ -323,6 +346,9 @@ class GossipService:
         self._publish_lock = trio.Lock()
         self._relays: OrderedDict[bytes, None] = OrderedDict()  # ids relay() is sending
         self._announced: dict[ID, int] = {}
+        self._streamless: set[ID] = set()  # connected, no pubsub stream, at the last tick
+        self._repairing: set[ID] = set()
+        self._repair_after: dict[ID, float] = {}
         self._punish_send, self._punish_recv = trio.open_memory_channel[str](256)
         self.router = _GossipSub(
             # /meshsub/1.1.0 only: py-libp2p 0.8.1's 1.2 (IDONTWANT) path stalls delivery
@@ -362,7 +388,8 @@ class GossipService:
                 await trio.sleep_forever()
 
     async def _reannounce(self) -> None:
-        """Repeat our subscriptions to each new peer a few times.
+        """Every second: open missing pubsub streams (:meth:`_repair_streams`), and repeat
+        our subscriptions to each new peer a few times.
 
         py-libp2p announces a subscription to the peers it has at that moment and sends
         the topic list in its hello to peers added later; a peer whose stream is being set
@@ -372,26 +399,73 @@ class GossipService:
         per peer). A repeated subscription is idempotent for the receiver.
         """
         ticks = 0
-        while True:
-            await trio.sleep(1.0)
-            ticks += 1
-            if ticks % REANNOUNCE_EVERY == 0:
-                self._announced = {p: min(n, 2) for p, n in self._announced.items()}
-            peers = set(self.pubsub.peers)
-            for gone in set(self._announced) - peers:
-                del self._announced[gone]
-            if not self._joined:
-                continue
-            rpc = rpc_pb2.RPC(
-                subscriptions=[
-                    rpc_pb2.RPC.SubOpts(subscribe=True, topicid=t) for t in sorted(self._joined)
-                ]
-            )
-            for peer in peers:
-                done = self._announced.get(peer, 0)
-                queue = self.pubsub.peer_queues.get(peer)
-                if done < 3 and queue is not None and queue.push(rpc, priority=True):
-                    self._announced[peer] = done + 1
+        async with trio.open_nursery() as repairs:
+            while True:
+                await trio.sleep(1.0)
+                ticks += 1
+                self._repair_streams(repairs)
+                self._announce(ticks)
+
+    def _announce(self, ticks: int) -> None:
+        if ticks % REANNOUNCE_EVERY == 0:
+            self._announced = {p: min(n, 2) for p, n in self._announced.items()}
+        peers = set(self.pubsub.peers)
+        for gone in set(self._announced) - peers:
+            del self._announced[gone]
+        if not self._joined:
+            return
+        rpc = rpc_pb2.RPC(
+            subscriptions=[
+                rpc_pb2.RPC.SubOpts(subscribe=True, topicid=t) for t in sorted(self._joined)
+            ]
+        )
+        for peer in peers:
+            done = self._announced.get(peer, 0)
+            queue = self.pubsub.peer_queues.get(peer)
+            if done < 3 and queue is not None and queue.push(rpc, priority=True):
+                self._announced[peer] = done + 1
+
+    def _repair_streams(self, nursery: trio.Nursery) -> None:
+        """Open the pubsub stream of a connected peer that has none, two ticks running.
+
+        py-libp2p opens a peer's stream when a connection arrives and forgets the peer when
+        that stream dies; a connection that replaces another (a redial, a simultaneous
+        connect) can leave both sides connected with no stream either way, and nothing
+        retries (measured: about 1 devnet in 15 under load, two nodes that never learn each
+        other's topics). go-libp2p's pubsub reacts to every connection; this repairs the rest.
+        """
+        now = trio.current_time()
+        network = self._host.get_network()
+        opening = self.pubsub.opening
+        streamless = {
+            peer
+            for peer in list(network.connections)
+            if peer not in self.pubsub.peers
+            and peer not in opening  # py-libp2p is still at it
+            and (self._connected is None or self._connected(str(peer)))
+        }
+        for peer in (streamless & self._streamless) - self._repairing:
+            if self._repair_after.get(peer, 0.0) <= now:
+                self._repairing.add(peer)
+                nursery.start_soon(self._repair_stream, peer)
+        self._streamless = streamless
+        for peer in [p for p, t in self._repair_after.items() if t <= now]:
+            del self._repair_after[peer]
+
+    async def _repair_stream(self, peer: ID) -> None:
+        try:
+            if peer in self.pubsub.peers or peer in self.pubsub.opening:
+                return  # py-libp2p got there after all
+            if await self.pubsub.ensure_peer_stream(peer, timeout=STREAM_REPAIR_TIMEOUT):
+                self._metrics.count("gossip_streams_repaired")
+                logger.debug("opened the missing pubsub stream to %s", peer)
+            else:
+                self._repair_after[peer] = trio.current_time() + STREAM_REPAIR_BACKOFF
+        except Exception as err:  # a peer that went away mid-repair, say
+            logger.debug("pubsub stream repair for %s failed: %r", peer, err)
+            self._repair_after[peer] = trio.current_time() + STREAM_REPAIR_BACKOFF
+        finally:
+            self._repairing.discard(peer)
 
     # -- topics, validators, subscriptions -------------------------------------------------
 
