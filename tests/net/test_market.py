@@ -394,9 +394,19 @@ async def test_bad_adverts_are_refused_with_their_reasons_and_offline_miners_dro
         posing = dataclasses.replace(mine, peer_id=honest.peer_id, seq=now + 1)
         await publish(_sign(fake, posing))
         await wait_until(lambda: refused("wrong_sender") >= 1, 10, message="impostor refused")
+        # the real miners' adverts are what the victim holds: none of the above displaced
+        # them (with a 4 s TTL, a loaded machine may let one lapse before its next re-advert,
+        # so this waits for both to be held at once)
+        miners = {m.peer_id for m in net.miners}
+        await wait_until(
+            lambda: {a.peer_id for a in victim.market.directory.adverts()} == miners,
+            10,
+            message="both real adverts held",
+        )
         held = victim.market.directory.adverts()
-        assert {a.peer_id for a in held} == {m.peer_id for m in net.miners}
+        assert {a.peer_id for a in held} == miners
         assert all(a.price != 1 for a in held)
+        assert all(a.enclave != fake.public_key for a in held)
 
         # a miner that goes offline drops out within its advert's TTL
         gone = net.miners[1]
