@@ -115,10 +115,6 @@ class GatedSwarm(Swarm):
 
     gate: PeerGate
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._add_locks: dict[ID, trio.Lock] = {}
-
     async def upgrade_inbound_raw_conn(self, raw_conn: Any, maddr: multiaddr.Multiaddr) -> Any:
         muxed = await super().upgrade_inbound_raw_conn(raw_conn, maddr)
         handler = _INBOUND_HANDLER.get(None)
@@ -156,21 +152,6 @@ class GatedSwarm(Swarm):
             logger.debug("closing %s connection from denied peer %s", direction, peer_id)
             await muxed_conn.close()
             raise SwarmException(f"peer {peer_id} is denied by the gate")
-        # One at a time per peer: py-libp2p's add_conn awaits (its connection limits) before
-        # it lists the connection, so two connections of one peer arriving together each
-        # found no other and both stayed (measured: both sides then dropped their pubsub
-        # streams and never learned each other's topics).
-        locks = self._add_locks
-        lock = locks.setdefault(peer_id, trio.Lock())
-        try:
-            async with lock:
-                return await self._add_conn_one(muxed_conn, direction)
-        finally:
-            if not lock.locked() and not lock.statistics().tasks_waiting:
-                locks.pop(peer_id, None)
-
-    async def _add_conn_one(self, muxed_conn: Any, direction: str) -> Any:
-        peer_id = muxed_conn.peer_id
         self.forget_closed(peer_id)
         existing = [c for c in self.connections.get(peer_id, []) if c.muxed_conn is not muxed_conn]
         if not existing:

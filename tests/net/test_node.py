@@ -16,7 +16,7 @@ import trio
 from libp2p.peer.id import ID
 
 from phala_p2p import NodeConfig, Role, open_node
-from phala_p2p.errors import P2PError, UsageError
+from phala_p2p.errors import UsageError
 from phala_p2p.net.host import HostLimits
 from phala_p2p.testing import open_devnet, wait_until
 
@@ -274,34 +274,3 @@ async def test_frozen_peer_process_is_dropped_within_5s(tmp_path: Path) -> None:
             proc.kill()
             await proc.wait()
 
-
-async def test_a_simultaneous_connect_leaves_one_connection_both_sides_agree_on() -> None:
-    """Two nodes that dial each other at once get two connections, one each way, and must
-    keep the same one. py-libp2p lists a connection only after awaiting its limits, so both
-    could arrive together, each find no other, and both stay open (seen on both sides, with
-    neither side's pubsub stream surviving)."""
-    async with open_node(NodeConfig()) as a, open_node(NodeConfig()) as b:
-        pa, pb = ID.from_base58(a.peer_id), ID.from_base58(b.peer_id)
-
-        def live(node, peer):  # type: ignore[no-untyped-def]
-            conns = node.host.get_network().connections.get(peer, [])
-            return [c for c in conns if not c.is_closed]
-
-        async def dial(node, addr: str) -> None:  # type: ignore[no-untyped-def]
-            try:
-                await node.connect(addr)
-            except P2PError:
-                pass  # the other side's connection may win while this one is set up
-
-        for round_ in range(8):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(dial, a, b.listen_addrs[0])
-                nursery.start_soon(dial, b, a.listen_addrs[0])
-
-            def settled() -> bool:
-                ca, cb = live(a, pb), live(b, pa)
-                return len(ca) == 1 and len(cb) == 1 and ca[0].direction != cb[0].direction
-
-            await wait_until(settled, 10, message=f"one agreed connection (round {round_})")
-            await a.disconnect(b.peer_id)
-            await wait_until(lambda: not live(a, pb) and not live(b, pa), 10, message="apart")
