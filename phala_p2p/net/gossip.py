@@ -45,6 +45,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from phala_p2p.crypto.identity import Identity
 from phala_p2p.errors import ProtocolViolation, PublishError, UsageError
 from phala_p2p.net.host import PeerGate, peer_id_of
+from phala_p2p.net.locks import KeyedLocks
 from phala_p2p.net.metrics import Metrics
 from phala_p2p.wire.envelope import Envelope, ReplayGuard, SeqnoCounter, open_envelope, seal
 
@@ -225,7 +226,7 @@ class _Pubsub(Pubsub):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.opening: dict[ID, trio.Lock] = {}  # peers whose stream is being opened
+        self.opening = KeyedLocks[ID]()  # peers whose stream is being opened
 
     def notify_subscriptions(self, publish_message: Any) -> None:
         self.dispatch(publish_message)
@@ -255,14 +256,8 @@ class _Pubsub(Pubsub):
         # for one peer both found it unregistered, both opened a stream and registered it,
         # and the first stream and its send task were left behind. One at a time per peer:
         # the second finds the peer registered and returns.
-        opening = self.opening
-        lock = opening.setdefault(peer_id, trio.Lock())
-        try:
-            async with lock:
-                await super()._handle_new_peer(peer_id)
-        finally:
-            if not lock.locked() and not lock.statistics().tasks_waiting:
-                opening.pop(peer_id, None)
+        async with self.opening.hold(peer_id):
+            await super()._handle_new_peer(peer_id)
 
     async def write_msg(self, stream: Any, rpc_msg: Any) -> bool:
         locks: weakref.WeakKeyDictionary[Any, trio.Lock] = self.__dict__.setdefault(

@@ -78,6 +78,7 @@ from phala_p2p.market.negotiation import (
 )
 from phala_p2p.net.gossip import ACCEPT, GossipMessage, Validation
 from phala_p2p.net.host import peer_id_of
+from phala_p2p.net.locks import KeyedLocks
 from phala_p2p.wire.codec import decode, encode, message
 from phala_p2p.wire.envelope import open_envelope, peek_envelope
 
@@ -182,7 +183,7 @@ class MarketService:
         self._connect_tokens = float(CONNECT_PULL_BURST)
         self._connect_tokens_at = 0.0
         self._last_pull: dict[str, float] = {}
-        self._locks: dict[bytes, trio.Lock] = {}
+        self._locks = KeyedLocks[bytes]()
         self._attested: OrderedDict[str, tuple[VerifiedMiner, float]] = OrderedDict()
         self._escrows: dict[bytes, int] = {}  # our escrows to refund at expiry -> height
         self._standing = _StandingEscrows()  # ours, reused by later agreements
@@ -592,13 +593,8 @@ class MarketService:
                 1000,
             )
             return encode(refusal)
-        lock = self._locks.setdefault(proposal.proposal_id, trio.Lock())
-        try:
-            async with lock:
-                reply = await self._answer(book, proposal)
-        finally:
-            if not lock.locked() and not lock.statistics().tasks_waiting:
-                self._locks.pop(proposal.proposal_id, None)
+        async with self._locks.hold(proposal.proposal_id):
+            reply = await self._answer(book, proposal)
         self._node.metrics.count("proposals_answered", answer=type(reply).__name__.lower())
         return encode(reply)
 
