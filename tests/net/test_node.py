@@ -273,4 +273,3 @@ async def test_frozen_peer_process_is_dropped_within_5s(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-
