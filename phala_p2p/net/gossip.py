@@ -36,11 +36,13 @@ from typing import Any, Final
 import trio
 from google.protobuf.message import DecodeError
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.network.stream.exceptions import StreamClosed, StreamReset
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.varint import encode_uvarint
 
 from phala_p2p.crypto.identity import Identity
 from phala_p2p.errors import ProtocolViolation, PublishError, UsageError
@@ -217,7 +219,8 @@ class _Pubsub(Pubsub):
     the tasks that replay recent messages to a new subscriber. Yamux splits a write larger
     than the send window into several frames, so two concurrent writers could interleave
     frames and break the reader's varint framing for good. One lock per stream keeps each
-    RPC contiguous.
+    RPC contiguous. And our signed peer record goes only at the start of a stream, not in
+    every RPC (see :func:`_without_sender_record`).
     """
 
     dispatch: Callable[[Any], None]
@@ -266,9 +269,39 @@ class _Pubsub(Pubsub):
         lock = locks.get(stream)
         if lock is None:
             lock = locks[stream] = trio.Lock()
+            data = rpc_msg.SerializeToString()  # the stream's first RPC: with our record
+        else:
+            data = _without_sender_record(rpc_msg)
         async with lock:
-            ok: bool = await super().write_msg(stream, rpc_msg)
-            return ok
+            try:
+                await stream.write(encode_uvarint(len(data)) + data)
+            except (StreamClosed, StreamReset):
+                self._handle_dead_peer(stream.muxed_conn.peer_id)
+                return False
+            return True
+
+
+def _without_sender_record(rpc_msg: Any) -> bytes:
+    """``rpc_msg`` serialized without the signed peer record py-libp2p puts in every RPC.
+
+    The receiver verifies that record (an Ed25519 signature and a protobuf envelope) on
+    each RPC that carries one; it cannot change within a stream, so it goes in a stream's
+    first RPC only (go-libp2p sends none). The message may be shared with other peers'
+    queues: it is left as it was.
+    """
+    if not rpc_msg.HasField("senderRecord"):
+        return bytes(rpc_msg.SerializeToString())
+    record = rpc_msg.senderRecord
+    rpc_msg.ClearField("senderRecord")
+    try:
+        return bytes(rpc_msg.SerializeToString())
+    finally:
+        rpc_msg.senderRecord = record
+
+
+REPLAY_RPC_BYTES: Final = 64 * 1024
+"""At most this many bytes of messages per RPC when the message cache is replayed to a
+new subscriber (a larger message goes alone)."""
 
 
 class _GossipSub(GossipSub):
@@ -276,6 +309,33 @@ class _GossipSub(GossipSub):
 
     on_drop: Callable[[str], None]
     is_connected: Callable[[str], bool] | None = None
+
+    async def send_recent_messages(self, peer_id: ID, topic: str) -> None:
+        # py-libp2p replays its message cache to a new subscriber one RPC per message
+        # (after a heal: every fresh advert, on each new connection). Here they go in
+        # RPCs of up to REPLAY_RPC_BYTES: one frame to write and parse, not one each.
+        pubsub = self.pubsub
+        if pubsub is None or peer_id not in pubsub.peers:
+            return
+        stream = pubsub.peers[peer_id]
+        batch: list[Any] = []
+        size = 0
+        for mid in self.mcache.window(topic):
+            msg = self.mcache.get(mid)
+            if msg is None:
+                continue
+            if self.scorer is not None and not self.scorer.allow_publish(
+                peer_id, list(msg.topicIDs)
+            ):
+                continue
+            if batch and size + msg.ByteSize() > REPLAY_RPC_BYTES:
+                if not await pubsub.write_msg(stream, rpc_pb2.RPC(publish=batch)):
+                    return
+                batch, size = [], 0
+            batch.append(msg)
+            size += msg.ByteSize()
+        if batch:
+            await pubsub.write_msg(stream, rpc_pb2.RPC(publish=batch))
 
     def _handle_dropped_rpc(self, peer_id: ID, rpc: Any, reason: str) -> None:
         if len(rpc.publish):

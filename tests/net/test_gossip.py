@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import libp2p.pubsub.pubsub as pubsub_module
 import pytest
 import trio
 
@@ -186,6 +188,59 @@ async def test_connected_peers_without_a_pubsub_stream_get_one_back() -> None:
             with trio.fail_after(10):
                 while (await sub.receive()).data != b"after repair":
                     pass
+
+
+async def test_a_cache_replay_goes_in_one_rpc_and_rpcs_carry_no_repeated_peer_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """py-libp2p replays its message cache to a new subscriber one RPC per message, and puts
+    its signed peer record (which the receiver verifies) in every RPC. Here the replay is one
+    RPC, and a record goes only at the start of a stream. Observed on the receiving side,
+    by wrapping (not replacing) py-libp2p's record check, which sees every inbound RPC."""
+    seen: list[tuple[str, str, int, bool]] = []  # receiver, sender, messages, with record
+    original = pubsub_module.maybe_consume_signed_record
+
+    def counting(msg: Any, host: Any, peer_id: Any) -> bool:
+        seen.append(
+            (str(host.get_id()), str(peer_id), len(msg.publish), msg.HasField("senderRecord"))
+        )
+        return bool(original(msg, host, peer_id))
+
+    monkeypatch.setattr(pubsub_module, "maybe_consume_signed_record", counting)
+    async with open_devnet(peers=3, seed=8) as net:
+        a, d = net.nodes[0], net.nodes[2]
+        subs = [await n.subscribe(TOPIC, buffer=64) for n in net.nodes]
+        await _meshed(net, TOPIC, subs)
+        router = a.gossip.pubsub.router
+        for attempt in range(5):  # the cache's window is 3 heartbeats: a slow delivery can miss it
+            payloads = [bytes([attempt, i]) * 50 for i in range(5)]
+            for p in payloads:
+                await a.publish(TOPIC, p)
+            got: set[bytes] = set()
+            with trio.fail_after(10):
+                while got != set(payloads):
+                    got.add((await subs[2].receive()).data)
+            cached = len(router.mcache.window(TOPIC))
+            if cached >= 2:
+                break
+        assert cached >= 2
+
+        def from_a() -> list[tuple[str, str, int, bool]]:
+            return [s for s in seen if s[0] == d.peer_id and s[1] == a.peer_id]
+
+        before = len(from_a())
+        assert sum(1 for s in from_a() if s[3]) <= 2  # the hello, and the first RPC after it
+        assert before > 2  # subscriptions, control and the messages came after those
+
+        peer = next(p for p in a.gossip.pubsub.peers if str(p) == d.peer_id)
+        cached = len(router.mcache.window(TOPIC))
+        await router.send_recent_messages(peer, TOPIC)
+        await wait_until(
+            lambda: sum(s[2] for s in from_a()[before:]) >= cached, 5, message="replay"
+        )
+        replayed = [s for s in from_a()[before:] if s[2]]
+        assert len(replayed) == 1, replayed  # every cached message in one RPC
+        assert not any(s[3] for s in from_a()[before:])  # and no peer record again
 
 
 async def test_validator_verdicts_and_penalties() -> None:
