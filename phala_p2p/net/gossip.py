@@ -301,7 +301,7 @@ def _without_sender_record(rpc_msg: Any) -> bytes:
 
 REPLAY_RPC_BYTES: Final = 64 * 1024
 """At most this many bytes of messages per RPC when the message cache is replayed to a
-new subscriber (a larger message goes alone)."""
+new subscriber (less when ``max_message_size`` is small; a larger message goes alone)."""
 
 
 class _GossipSub(GossipSub):
@@ -318,6 +318,8 @@ class _GossipSub(GossipSub):
         if pubsub is None or peer_id not in pubsub.peers:
             return
         stream = pubsub.peers[peer_id]
+        # peers run our limits: half their RPC cap leaves room for the RPC's own framing
+        limit = min(REPLAY_RPC_BYTES, pubsub.max_inbound_rpc_size // 2)
         batch: list[Any] = []
         size = 0
         for mid in self.mcache.window(topic):
@@ -328,7 +330,7 @@ class _GossipSub(GossipSub):
                 peer_id, list(msg.topicIDs)
             ):
                 continue
-            if batch and size + msg.ByteSize() > REPLAY_RPC_BYTES:
+            if batch and size + msg.ByteSize() > limit:
                 if not await pubsub.write_msg(stream, rpc_pb2.RPC(publish=batch)):
                     return
                 batch, size = [], 0

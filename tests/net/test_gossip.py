@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 import trio
 
 from phala_p2p import Validation
+from phala_p2p.config import NodeConfig
 from phala_p2p.crypto.identity import Identity
 from phala_p2p.errors import ProtocolViolation, UsageError
 from phala_p2p.testing import open_devnet, wait_until
@@ -241,6 +243,40 @@ async def test_a_cache_replay_goes_in_one_rpc_and_rpcs_carry_no_repeated_peer_re
         replayed = [s for s in from_a()[before:] if s[2]]
         assert len(replayed) == 1, replayed  # every cached message in one RPC
         assert not any(s[3] for s in from_a()[before:])  # and no peer record again
+
+
+async def test_a_cache_replay_fits_the_receivers_rpc_cap() -> None:
+    """With a small ``max_message_size`` a peer takes RPCs of that much plus 4 KiB: a replay
+    of eight 900-byte messages (7 KiB in all) must go in several RPCs, or the receiver
+    would refuse it and the replayed messages would be lost."""
+
+    def small(i: int, cfg: NodeConfig) -> NodeConfig:
+        return cfg.with_(gossip=dataclasses.replace(cfg.gossip, max_message_size=1200))
+
+    async with open_devnet(peers=2, seed=9, configure=small) as net:
+        a, b = net.nodes
+        subs = [await n.subscribe(TOPIC, buffer=64) for n in net.nodes]
+        await _meshed(net, TOPIC, subs)
+        router = a.gossip.pubsub.router
+        peer = next(p for p in a.gossip.pubsub.peers if str(p) == b.peer_id)
+        for attempt in range(5):  # the cache's window is 3 heartbeats: a slow delivery can miss it
+            payloads = [bytes([attempt, i]) * 450 for i in range(8)]
+            for p in payloads:
+                await a.publish(TOPIC, p)
+            got: set[bytes] = set()
+            with trio.fail_after(10):
+                while got != set(payloads):
+                    got.add((await subs[1].receive()).data)
+            if len(router.mcache.window(TOPIC)) >= 8:
+                break
+        assert len(router.mcache.window(TOPIC)) >= 8
+        await router.send_recent_messages(peer, TOPIC)
+        await a.publish(TOPIC, b"after the replay")  # same stream, after the replay's RPCs
+        with trio.fail_after(10):
+            while (await subs[1].receive()).data != b"after the replay":
+                pass
+        assert b.peer_id in a.gossip.topic_peers(TOPIC)
+        assert a.peer_id in b.gossip.topic_peers(TOPIC)
 
 
 async def test_validator_verdicts_and_penalties() -> None:
