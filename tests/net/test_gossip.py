@@ -192,6 +192,24 @@ async def test_connected_peers_without_a_pubsub_stream_get_one_back() -> None:
                     pass
 
 
+async def _publish_into_cache(sender, sub, *, count: int, size: int, at_least: int) -> None:  # type: ignore[no-untyped-def]
+    """Publish ``count`` messages of ``size`` bytes on TOPIC, wait until ``sub`` has them,
+    and until at least ``at_least`` are in the sender's cache window (3 heartbeats: on a
+    loaded machine a slow delivery can miss it, and the messages are sent again)."""
+    router = sender.gossip.pubsub.router
+    for attempt in range(5):
+        payloads = [bytes([attempt, i]) * (size // 2) for i in range(count)]
+        for p in payloads:
+            await sender.publish(TOPIC, p)
+        got: set[bytes] = set()
+        with trio.fail_after(10):
+            while got != set(payloads):
+                got.add((await sub.receive()).data)
+        if len(router.mcache.window(TOPIC)) >= at_least:
+            return
+    raise AssertionError(f"fewer than {at_least} messages in the cache window after 5 tries")
+
+
 async def test_a_cache_replay_goes_in_one_rpc_and_rpcs_carry_no_repeated_peer_record(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -214,18 +232,7 @@ async def test_a_cache_replay_goes_in_one_rpc_and_rpcs_carry_no_repeated_peer_re
         subs = [await n.subscribe(TOPIC, buffer=64) for n in net.nodes]
         await _meshed(net, TOPIC, subs)
         router = a.gossip.pubsub.router
-        for attempt in range(5):  # the cache's window is 3 heartbeats: a slow delivery can miss it
-            payloads = [bytes([attempt, i]) * 50 for i in range(5)]
-            for p in payloads:
-                await a.publish(TOPIC, p)
-            got: set[bytes] = set()
-            with trio.fail_after(10):
-                while got != set(payloads):
-                    got.add((await subs[2].receive()).data)
-            cached = len(router.mcache.window(TOPIC))
-            if cached >= 2:
-                break
-        assert cached >= 2
+        await _publish_into_cache(a, subs[2], count=5, size=100, at_least=2)
 
         def from_a() -> list[tuple[str, str, int, bool]]:
             return [s for s in seen if s[0] == d.peer_id and s[1] == a.peer_id]
@@ -259,17 +266,7 @@ async def test_a_cache_replay_fits_the_receivers_rpc_cap() -> None:
         await _meshed(net, TOPIC, subs)
         router = a.gossip.pubsub.router
         peer = next(p for p in a.gossip.pubsub.peers if str(p) == b.peer_id)
-        for attempt in range(5):  # the cache's window is 3 heartbeats: a slow delivery can miss it
-            payloads = [bytes([attempt, i]) * 450 for i in range(8)]
-            for p in payloads:
-                await a.publish(TOPIC, p)
-            got: set[bytes] = set()
-            with trio.fail_after(10):
-                while got != set(payloads):
-                    got.add((await subs[1].receive()).data)
-            if len(router.mcache.window(TOPIC)) >= 8:
-                break
-        assert len(router.mcache.window(TOPIC)) >= 8
+        await _publish_into_cache(a, subs[1], count=8, size=900, at_least=8)
         await router.send_recent_messages(peer, TOPIC)
         await a.publish(TOPIC, b"after the replay")  # same stream, after the replay's RPCs
         with trio.fail_after(10):
