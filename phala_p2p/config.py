@@ -56,7 +56,7 @@ class ChainConfig:
 
     durable: bool = True  # fsync each block before acknowledging it (off only for tests)
     rebroadcast_interval: float = 2.0  # re-send own consensus messages when a height stalls
-    sync_interval: float = 3.0  # ask a peer for blocks after this long without a new one
+    sync_interval: float = 3.0  # ask for blocks after this long (or 2 block times) without one
     sync_batch: int = 64  # blocks per sync request
     resend_interval: float = 3.0  # publish own pending transactions again after this long
     receipt_timeout: float = 60.0  # wallet calls give up waiting for finality after this

@@ -586,16 +586,23 @@ class ChainService:
 
     async def _syncer(self) -> None:
         """Sync when told to (blocks or votes from ahead) and when no block came for
-        ``sync_interval`` (a halted chain, or a partition that just healed)."""
+        :meth:`quiet_after` seconds (a halted chain, or a partition that just healed)."""
         while True:
             wake = self._sync_wake
-            with trio.move_on_after(self.config.sync_interval):
+            quiet = self.quiet_after()
+            with trio.move_on_after(quiet):
                 await wake.wait()
             if wake.is_set():
                 self._sync_wake = trio.Event()
-            elif time.monotonic() - self._last_block_at < self.config.sync_interval:
+            elif time.monotonic() - self._last_block_at < quiet:
                 continue
             await self.sync_once()
+
+    def quiet_after(self) -> float:
+        """Seconds without a new block after which this node asks peers for blocks:
+        ``sync_interval``, or two block times on a chain whose blocks come slower than
+        that (there, every node asked a gatekeeper between every two blocks)."""
+        return max(self.config.sync_interval, 2 * self.view.params.block_time_ms / 1000)
 
     def _sync_peers(self) -> list[str]:
         peers = self._node.peers()

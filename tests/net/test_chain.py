@@ -432,6 +432,25 @@ async def test_new_node_catches_up_through_sync(tmp_path: Path) -> None:
         assert_same_chain([node, net.gatekeepers[0]], 15)
 
 
+async def test_a_chain_slower_than_sync_interval_is_not_polled_between_blocks() -> None:
+    """Blocks every 4 s, longer than the 3 s ``sync_interval``: followers used to take each
+    gap for a halted chain and ask the gatekeeper for blocks between every two blocks. Now
+    they wait two block times; the blocks come by gossip and nobody asks."""
+    async with open_devnet(
+        gatekeepers=1, clients=2, seed=21, chain_params={"block_time_ms": 4000}
+    ) as net:
+        keeper = net.gatekeepers[0]
+        assert keeper.chain.quiet_after() == 8.0
+        await reach(net.all_nodes, 2, timeout=30)
+        start = keeper.chain.view.height
+        asked = {n.peer_id: n.metrics.get("sync_attempts") for n in net.all_nodes}
+        served = keeper.metrics.get("sync_served")
+        await reach(net.all_nodes, start + 3, timeout=40)  # three gaps of 4 s
+        assert {n.peer_id: n.metrics.get("sync_attempts") for n in net.all_nodes} == asked
+        assert keeper.metrics.get("sync_served") == served
+        assert_same_chain(net.all_nodes, start + 3)
+
+
 def test_chain_params_reject_unknown_names() -> None:
     with pytest.raises(UsageError):
         ChainParams().with_changes({"block_tiem_ms": 5})
