@@ -290,11 +290,11 @@ def _without_sender_record(rpc_msg: Any) -> bytes:
     queues: it is left as it was.
     """
     if not rpc_msg.HasField("senderRecord"):
-        return bytes(rpc_msg.SerializeToString())
+        return rpc_msg.SerializeToString()  # type: ignore[no-any-return]
     record = rpc_msg.senderRecord
     rpc_msg.ClearField("senderRecord")
     try:
-        return bytes(rpc_msg.SerializeToString())
+        return rpc_msg.SerializeToString()  # type: ignore[no-any-return]
     finally:
         rpc_msg.senderRecord = record
 
@@ -330,12 +330,13 @@ class _GossipSub(GossipSub):
                 peer_id, list(msg.topicIDs)
             ):
                 continue
-            if batch and size + msg.ByteSize() > limit:
+            msg_size = msg.ByteSize()
+            if batch and size + msg_size > limit:
                 if not await pubsub.write_msg(stream, rpc_pb2.RPC(publish=batch)):
                     return
                 batch, size = [], 0
             batch.append(msg)
-            size += msg.ByteSize()
+            size += msg_size
         if batch:
             await pubsub.write_msg(stream, rpc_pb2.RPC(publish=batch))
 
