@@ -8,13 +8,16 @@ never reused, let alone with another plaintext).
 
 ``ChunkReceiver`` opens chunks in order (``crypto.stream.StreamOpener``) and reports how far
 it got (``index``), which the session sends back as a cumulative Ack.
+
+Both take the session id and use its first bytes as the STREAM nonce prefix: each direction
+of a session has its own key, so the prefix only has to be fixed for the stream.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from phala_p2p.crypto.stream import StreamOpener, StreamSealer
+from phala_p2p.crypto.stream import NONCE_PREFIX_SIZE, StreamOpener, StreamSealer
 from phala_p2p.errors import ProtocolViolation, StreamReordered, StreamTruncated, UsageError
 from phala_p2p.jobs.errors import ChunkReplayed, InboundTooLarge, SessionClosed
 from phala_p2p.jobs.messages import MAX_CHUNK, Chunk
@@ -24,13 +27,15 @@ class ChunkSender:
     """Seals chunks, holds the unacknowledged ones (at most ``window``), resends on demand."""
 
     def __init__(
-        self, key: bytes, nonce_prefix: bytes, associated: bytes, *, window: int, chunk_size: int
+        self, key: bytes, session_id: bytes, associated: bytes, *, window: int, chunk_size: int
     ) -> None:
         if type(window) is not int or window < 1:
             raise UsageError("window must be a positive int")
         if type(chunk_size) is not int or not 1 <= chunk_size <= MAX_CHUNK:
             raise UsageError(f"chunk_size must be an int in 1..{MAX_CHUNK}")
-        self._sealer: StreamSealer | None = StreamSealer(key, nonce_prefix, associated)
+        self._sealer: StreamSealer | None = StreamSealer(
+            key, session_id[:NONCE_PREFIX_SIZE], associated
+        )
         self._next = 0
         self._finished = False
         self.window = window
@@ -150,7 +155,7 @@ class ChunkReceiver:
     def __init__(
         self,
         key: bytes,
-        nonce_prefix: bytes,
+        session_id: bytes,
         associated: bytes,
         *,
         max_chunk: int = MAX_CHUNK,
@@ -159,7 +164,7 @@ class ChunkReceiver:
         if max_total is not None and (type(max_total) is not int or max_total < 0):
             raise UsageError("max_total must be a non-negative int or None")
         self._opener: StreamOpener | None = StreamOpener(
-            key, nonce_prefix, associated, max_chunk=max_chunk
+            key, session_id[:NONCE_PREFIX_SIZE], associated, max_chunk=max_chunk
         )
         self._index = 0
         self._finished = False

@@ -18,7 +18,6 @@ Time is a parameter (``now_ms``); the executor is any object with the interface 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from phala_p2p.jobs.payload import (
 )
 from phala_p2p.jobs.session import DataReceived, State
 from phala_p2p.market.negotiation import Agreement, AgreementTerms
-from phala_p2p.market.receipt import JobReceipt
+from phala_p2p.market.receipt import JobReceipt, output_hasher
 from phala_p2p.wire.codec import encode
 
 DEFAULT_RECEIPT_EVERY: Final = 16 << 20
@@ -133,7 +132,7 @@ class _Run:
         self.bytes_in = 0  # plaintext the job took (the receipts' bytes_in)
         self.received = 0  # plaintext the client sent
         self.bytes_out = 0
-        self.hash = hashlib.blake2b(digest_size=32)
+        self.hash = output_hasher()
         self.last_receipt_at = 0
         self.receipts: list[JobReceipt] = []
 

@@ -56,9 +56,19 @@ class ReceiptError(ProtocolViolation):
         self.problem = problem
 
 
+def output_hasher() -> hashlib._Hash:
+    """A fresh hash of a job's plaintext output, fed as it streams: SHA-256, which CPUs with
+    SHA extensions (x86 since Ice Lake and Zen, ARMv8) compute about three times faster than
+    BLAKE2b (1.5 GB/s against 0.54 GB/s on the benchmarks' machine). Client and enclave hash
+    every output byte, so this is on a job's critical path."""
+    return hashlib.sha256()
+
+
 def output_hash(output: bytes) -> bytes:
-    """BLAKE2b-256 of (the plaintext) output, as receipts carry it."""
-    return hashlib.blake2b(output, digest_size=32).digest()
+    """The hash of a job's (plaintext) output as receipts carry it (:func:`output_hasher`)."""
+    h = output_hasher()
+    h.update(output)
+    return h.digest()
 
 
 @message(415)

@@ -14,7 +14,6 @@ settle. A dropped connection is resumed on a new one within ``[jobs] grace``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -57,7 +56,7 @@ from phala_p2p.jobs.session import Acked, DataReceived, State
 from phala_p2p.market.directory import Advert
 from phala_p2p.market.negotiation import Agreement
 from phala_p2p.market.negotiation import agreement_id as make_agreement_id
-from phala_p2p.market.receipt import CoSignedReceipt, JobReceipt, settle_body
+from phala_p2p.market.receipt import CoSignedReceipt, JobReceipt, output_hasher, settle_body
 from phala_p2p.net.streams import RawStream
 from phala_p2p.services.chain import Receipt
 from phala_p2p.tee.channel import ERROR_CODES
@@ -717,7 +716,7 @@ class _ClientRun:
         self.failure: JobFailed | None = None
         self.sent = 0
         self.received = 0
-        self._hash = hashlib.blake2b(digest_size=32)
+        self._hash = output_hasher()
         self._room = trio.Event()
         self._wlock = trio.Lock()
         self._input_done = False

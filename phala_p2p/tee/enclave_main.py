@@ -40,6 +40,7 @@ from phala_p2p.errors import EnclaveError, P2PError, ProtocolViolation, UsageErr
 from phala_p2p.jobs.config import MAX_GRACE_MS
 from phala_p2p.jobs.runner import EnclaveJobs, Step
 from phala_p2p.market.negotiation import Agreement
+from phala_p2p.market.receipt import output_hash
 from phala_p2p.tee.channel import (
     FrameDecoder,
     error_to_wire,
@@ -372,7 +373,7 @@ class EnclaveServer:
                 fuel_used=result.fuel_used,
                 bytes_in=len(module) + len(data),
                 bytes_out=len(result.output),
-                output_hash=hashlib.blake2b(result.output, digest_size=32).digest(),
+                output_hash=output_hash(result.output),
                 enclave=self._identity.public_key,
             ),
         )

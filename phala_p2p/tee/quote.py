@@ -169,8 +169,9 @@ class UsageReceipt:
     """What the enclave signs after a job: who ran what, for how much fuel, with what output.
 
     ``bytes_in`` counts the plaintext module and input, ``bytes_out`` the plaintext output;
-    ``output_hash`` is BLAKE2b-256 of the plaintext output. ``enclave`` is the enclave identity
-    key that signed it; clients check it against the attested identity.
+    ``output_hash`` is the plaintext output's hash (``market.receipt.output_hash``).
+    ``enclave`` is the enclave identity key that signed it; clients check it against the
+    attested identity.
     """
 
     session_id: bytes = field(metadata={"max_len": 16})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nacl.bindings
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,7 +23,7 @@ from phala_p2p.errors import (
 )
 
 KEY = bytes(range(32))
-PREFIX = bytes(range(100, 116))
+PREFIX = bytes(range(100, 104))
 AD = associated_data(b"session-1", "client->server")
 
 
@@ -51,7 +52,7 @@ def test_round_trip(chunks: list[bytes]) -> None:
 def test_nonce_layout() -> None:
     nonce = chunk_nonce(PREFIX, 0x0102, True)
     assert nonce == PREFIX + bytes([0, 0, 0, 0, 0, 1, 2]) + b"\x01"
-    assert len(nonce) == 24
+    assert len(nonce) == 12
     # the same plaintext at another index, or as the final chunk, encrypts differently
     sealer = StreamSealer(KEY, PREFIX, AD)
     a = sealer.seal_chunk(b"same", final=False)
@@ -59,6 +60,20 @@ def test_nonce_layout() -> None:
     c = sealer.seal_chunk(b"same", final=True)
     assert len({a[1:], b[1:], c[1:]}) == 3
     assert (a[0], c[0]) == (0, 1)
+
+
+def test_a_chunk_is_rfc8439_chacha20_poly1305_with_the_documented_nonce() -> None:
+    # libsodium's implementation, not the one the sealer uses: the construction as documented
+    sealer = StreamSealer(KEY, PREFIX, AD)
+    chunks = [sealer.seal_chunk(b"first", final=False), sealer.seal_chunk(b"last", final=True)]
+    for index, (chunk, plain) in enumerate(zip(chunks, [b"first", b"last"], strict=True)):
+        final = index == 1
+        assert chunk[0] == final
+        nonce = PREFIX + index.to_bytes(7, "big") + bytes([final])
+        assert (
+            nacl.bindings.crypto_aead_chacha20poly1305_ietf_decrypt(chunk[1:], AD, nonce, KEY)
+            == plain
+        )
 
 
 def test_any_bit_flip_is_tampering() -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from phala_p2p.jobs.payload import (
 )
 from phala_p2p.jobs.runner import MAX_DEFERRED, EnclaveJobs, Step
 from phala_p2p.market.negotiation import Agreement
-from phala_p2p.market.receipt import JobReceipt, output_hash
+from phala_p2p.market.receipt import JobReceipt, output_hash, output_hasher
 from phala_p2p.tee.executor import ExecutorLimits, WasmExecutor
 from phala_p2p.tee.statements import statement_bytes
 
@@ -205,7 +204,7 @@ class Harness:
         self.records = RecordDecoder()
         self.keep_output = keep_output
         self.output = bytearray()
-        self.output_hash = hashlib.blake2b(digest_size=32)
+        self.output_hash = output_hasher()
         self.received = 0
         self.sent = 0
         self.receipts: list[JobReceipt] = []
@@ -399,7 +398,7 @@ def test_a_whole_input_job_returns_its_output_and_exact_receipts() -> None:
 def test_a_40_mib_stream_is_echoed_exactly_in_bounded_memory() -> None:
     chunk, window = 256 * KIB, 8
     config = JobConfig(chunk_size=chunk, window=window)
-    sent_hash = hashlib.blake2b(digest_size=32)
+    sent_hash = output_hasher()
     pieces = hashed((piece(n, MIB) for n in range(40)), sent_hash)
     source = Source(wasm("stream_echo"), pieces)
     # the enclave's own window is smaller than the client's: its output backs up
@@ -973,7 +972,7 @@ def test_a_client_stream_cut_before_its_final_chunk_never_gets_a_final_receipt()
 def test_a_job_resumes_after_a_cut_and_resends_only_what_is_missing() -> None:
     chunk = 64 * KIB
     config = JobConfig(chunk_size=chunk, window=8, grace_ms=GRACE)
-    sent_hash = hashlib.blake2b(digest_size=32)
+    sent_hash = output_hasher()
     pieces = hashed((piece(n, MIB) for n in range(8)), sent_hash)
     source = Source(wasm("stream_echo"), pieces)
     h = Harness(enclave_jobs(config), make_agreement(), source, config, keep_output=False)

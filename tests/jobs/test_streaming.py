@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from phala_p2p.crypto.stream import CHUNK_OVERHEAD, StreamSealer
+from phala_p2p.crypto.stream import CHUNK_OVERHEAD, NONCE_PREFIX_SIZE, StreamSealer
 from phala_p2p.errors import ProtocolViolation, StreamReordered, StreamTampered, StreamTruncated
 from phala_p2p.jobs import (
     CancelCode,
@@ -203,10 +203,11 @@ def test_the_associated_data_alone_detects_a_splice(other: bytes) -> None:
 
 def test_a_chunk_after_the_final_one_is_refused() -> None:
     ad = stream_associated_data(SID, AGREEMENT_ID, Direction.CLIENT_TO_ENCLAVE)
-    sealer = StreamSealer(KEY, SID, ad)
+    sealer = StreamSealer(KEY, SID[:NONCE_PREFIX_SIZE], ad)
     receiver = _receiver(ad)
     receiver.open(Chunk(index=0, sealed=sealer.seal_chunk(b"last", final=True)))
-    rogue = StreamSealer(KEY, SID, ad)  # a second sealer: the nonce reuse STREAM forbids
+    # a second sealer: the nonce reuse STREAM forbids
+    rogue = StreamSealer(KEY, SID[:NONCE_PREFIX_SIZE], ad)
     rogue.seal_chunk(b"x", final=False)
     extra = Chunk(index=1, sealed=rogue.seal_chunk(b"more", final=False))
     with pytest.raises(StreamTruncated) as info:
@@ -220,7 +221,7 @@ def test_an_empty_chunk_that_is_not_final_is_refused() -> None:
     c2e = Direction.CLIENT_TO_ENCLAVE
     sealer = StreamSealer(
         client.keys.stream_key(c2e),
-        client.session_id,
+        client.session_id[:NONCE_PREFIX_SIZE],
         stream_associated_data(client.session_id, AGREEMENT_ID, c2e),
     )
     empty = Chunk(index=0, sealed=sealer.seal_chunk(b"", final=False))

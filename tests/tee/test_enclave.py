@@ -28,6 +28,7 @@ from phala_p2p.errors import (
     UsageError,
     WallClockExceeded,
 )
+from phala_p2p.market.receipt import output_hash
 from phala_p2p.tee.enclave import (
     EnclaveConfig,
     SimulatedEnclave,
@@ -150,7 +151,7 @@ async def test_enclave_process_serves_jobs_and_keeps_secrets(job: Job) -> None:
         verify_receipt(receipt, info.identity_pub)
         assert receipt.session_id == client.session_id
         assert receipt.measurement == info.measurement
-        assert receipt.output_hash == hashlib.blake2b(MARKER, digest_size=32).digest()
+        assert receipt.output_hash == output_hash(MARKER)
         assert receipt.module_hash == hashlib.sha256(job("echo")).digest()
         assert receipt.bytes_out == len(MARKER)
         assert receipt.bytes_in == len(job("echo")) + len(MARKER)
