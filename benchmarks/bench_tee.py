@@ -40,6 +40,7 @@ import trio
 import wasmtime
 
 from phala_p2p.crypto.identity import Identity
+from phala_p2p.market.receipt import output_hash
 from phala_p2p.tee.dcap import verify_quote
 from phala_p2p.tee.enclave import EnclaveConfig, SimulatedEnclave, open_simulated_enclave
 from phala_p2p.tee.executor import ExecutorLimits, WasmExecutor
@@ -206,7 +207,7 @@ class _InProcessSealed:
                 fuel_used=result.fuel_used,
                 bytes_in=len(plain_module) + len(plain_input),
                 bytes_out=len(result.output),
-                output_hash=hashlib.blake2b(result.output, digest_size=32).digest(),
+                output_hash=output_hash(result.output),
                 enclave=self.identity.public_key,
             ),
         )

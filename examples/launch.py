@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import secrets
@@ -68,6 +67,7 @@ from phala_p2p.crypto.keyfile import (
 )
 from phala_p2p.errors import UsageError
 from phala_p2p.genesis_dir import DEFAULT_BALANCE, GENESIS_FILE, write_genesis_dir
+from phala_p2p.market.receipt import output_hash
 from phala_p2p.netns import NetLab, netns_problem, open_netlab
 from phala_p2p.tee.executor import ExecutorLimits
 from phala_p2p.tee.measurement import compute_measurement
@@ -867,7 +867,7 @@ def report_steps(
         problems.append(f"no settlement on chain ({s.get('settlement_error', 'pending')})")
     elif s["paid"] != cost(s["fuel_used"], s["price"]):
         problems.append(f"paid {s['paid']}, but the fuel costs {cost(s['fuel_used'], s['price'])}")
-    digest = hashlib.blake2b(output, digest_size=32).hexdigest()
+    digest = output_hash(output).hex()
     if digest != s.get("output_hash") or len(output) != s.get("bytes_out"):
         problems.append("the output does not match the enclave's receipt")
 
