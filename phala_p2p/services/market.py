@@ -98,6 +98,7 @@ PAGE_SIZE: Final = 256
 MAX_PAGES: Final = 64  # at most 16,384 adverts per pull
 MAX_PAGE_BYTES: Final = PAGE_SIZE * (MAX_ADVERT_ENVELOPE + 3) + 128
 RELAY_QUEUE: Final = 256
+RELAY_BATCH: Final = 64  # adverts relayed in one go (one wait for room in the send queues)
 CONNECT_PULL_BURST: Final = 3  # pulls on new connections: at most this many at once,
 CONNECT_PULLS_PER_S: Final = 1.0  # then this many a second
 MAX_QUERY: Final = 128
@@ -418,8 +419,14 @@ class MarketService:
 
     async def _relayer(self) -> None:
         async for envelope in self._relays:
+            batch = [envelope]  # what a pull found new goes out together
+            while len(batch) < RELAY_BATCH:
+                try:
+                    batch.append(self._relays.receive_nowait())
+                except trio.WouldBlock:
+                    break
             try:
-                await self._node.relay(CAPACITY_TOPIC, envelope)
+                await self._node.gossip.relay_many(CAPACITY_TOPIC, batch)
             except (P2PError, ProtocolViolation) as err:
                 logger.debug("advert relay failed: %s", err)
 

@@ -9,11 +9,14 @@ from typing import Any
 import libp2p.pubsub.pubsub as pubsub_module
 import pytest
 import trio
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.rpc_queue import PriorityQueue
 
 from phala_p2p import Validation
 from phala_p2p.config import NodeConfig
 from phala_p2p.crypto.identity import Identity
 from phala_p2p.errors import ProtocolViolation, UsageError
+from phala_p2p.net.gossip import MERGE_RPC_MESSAGES, SEND_QUEUE_RPCS, merge_queued
 from phala_p2p.testing import open_devnet, wait_until
 from phala_p2p.wire.envelope import seal
 
@@ -351,3 +354,83 @@ async def test_relay_sends_the_authors_envelope_once_network_wide() -> None:
         other = author.seal("test/other/1", b"x")
         with pytest.raises(ProtocolViolation, match="signature"):
             await relayer.relay(TOPIC, other)
+
+
+def _publish_rpc(i: int, size: int = 100) -> Any:
+    return rpc_pb2.RPC(publish=[rpc_pb2.Message(data=bytes([i]) * size, topicIDs=[TOPIC])])
+
+
+def test_queued_rpcs_merge_in_queue_order_within_their_limits() -> None:
+    shared = [_publish_rpc(i) for i in range(20)]
+    queue = PriorityQueue(64)
+    for rpc in shared[1:]:
+        assert queue.push(rpc)
+    graft = rpc_pb2.RPC(control=rpc_pb2.ControlMessage(graft=[rpc_pb2.ControlGraft(topicID=TOPIC)]))
+    assert queue.push(graft, priority=True)
+    before = [r.SerializeToString() for r in shared]
+
+    merged = merge_queued(shared[0], queue, limit=64 * 1024)
+    assert [m.data[0] for m in merged.publish] == list(range(MERGE_RPC_MESSAGES))
+    assert [g.topicID for g in merged.control.graft] == [TOPIC]  # control went first: in
+    assert len(queue) == 20 - MERGE_RPC_MESSAGES  # the rest wait, in order
+    assert queue.pop() is shared[MERGE_RPC_MESSAGES]
+    assert [r.SerializeToString() for r in shared] == before  # shared RPCs left as they were
+
+    big = [_publish_rpc(i, 1000) for i in range(10)]
+    queue = PriorityQueue(64)
+    for rpc in big[1:]:
+        queue.push(rpc)
+    merged = merge_queued(big[0], queue, limit=3500)
+    assert len(merged.publish) == 3
+    assert len(merged.SerializeToString()) <= 3500
+    assert len(queue) == 7
+    assert merge_queued(big[0], PriorityQueue(4), limit=10_000) is big[0]  # nothing queued
+
+
+async def test_messages_queued_together_go_in_one_rpc_and_a_batch_relay_skips_the_bad(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Twelve envelopes relayed at once while the stream to the peer is busy: they wait in
+    the send queue and go out merged (one RPC per message before). The batch skips, and
+    counts, a repeat and a non-envelope."""
+    seen: list[tuple[str, str, int]] = []  # receiver, sender, messages in the RPC
+    original = pubsub_module.maybe_consume_signed_record
+
+    def counting(msg: Any, host: Any, peer_id: Any) -> bool:
+        seen.append((str(host.get_id()), str(peer_id), len(msg.publish)))
+        return bool(original(msg, host, peer_id))
+
+    monkeypatch.setattr(pubsub_module, "maybe_consume_signed_record", counting)
+    async with open_devnet(peers=2, seed=31) as net:
+        a, b = net.nodes
+        subs = [await n.subscribe(TOPIC, buffer=64) for n in net.nodes]
+        await _meshed(net, TOPIC, subs)
+        pubsub = a.gossip.pubsub
+        peer = next(p for p in pubsub.peers if str(p) == b.peer_id)
+        stream = pubsub.peers[peer]
+
+        def locks() -> Any:  # one per stream, made by its first write
+            return pubsub.__dict__.get("_stream_write_locks", {})
+
+        await wait_until(lambda: stream in locks(), 10, message="a first RPC on the stream")
+        write_lock = locks()[stream]
+        assert pubsub.peer_queues[peer]._queue.max_size == SEND_QUEUE_RPCS  # room to relay
+
+        def from_a() -> list[int]:
+            return [n for to, frm, n in seen if to == b.peer_id and frm == a.peer_id and n]
+
+        before = len(from_a())
+        envelopes = [a.gossip.seal(TOPIC, b"batch %d" % i) for i in range(12)]
+        async with write_lock:  # the stream is busy: what is sent meanwhile queues up
+            sent = await a.gossip.relay_many(TOPIC, [*envelopes, envelopes[0], b"not one"])
+        assert sent == 12
+        assert a.metrics.get("relay_skipped", reason="seen") == 1
+        assert a.metrics.get("relayed", topic=TOPIC) == 12
+        got: set[bytes] = set()
+        with trio.fail_after(10):
+            while len(got) < 12:
+                got.add((await subs[1].receive()).data)
+        assert got == {b"batch %d" % i for i in range(12)}
+        rpcs = from_a()[before:]
+        assert sum(rpcs) == 12
+        assert len(rpcs) <= 2, rpcs  # the one the send loop held, then the rest together
