@@ -109,14 +109,11 @@ async def test_twenty_miner_processes_filter_and_converge_within_3s_of_a_heal() 
             for name, _ in slowest
             if name in after
         }
-        report = f"converged after the heal in {slowest}; counters: {moved}"
         # Without the relay of pulled adverts, convergence waits for anti-entropy and the
-        # miners' own re-adverts (measured 10-37 s): that is a failure. Between 3 s and that,
-        # the issue's target is missed: open (on 2 shared cores the last directory converges
-        # 4-12 s after the heal's start, while the redials run).
-        assert max(took.values()) < 9.0, report
-        print(f"3 s target missed: {report}")  # shown with -s or -rP
-        pytest.xfail(f"3 s target missed: {report}")
+        # miners' own re-adverts (measured 10-37 s); with one gossip RPC per message, busy
+        # nodes passed adverts on one per turn of their event loop (3.9-5.7 s). On 2 cores
+        # the last directory now converges 2.0-3.1 s after the heal's start.
+        raise AssertionError(f"converged after the heal in {slowest}; counters: {moved}")
 
 
 async def _market_counters(net: ProcessDevnet) -> dict[str, dict[str, int]]:
