@@ -667,15 +667,16 @@ class GossipService:
         take (``max_age_ms``, less a margin for the trip). ProtocolViolation if it is not an
         envelope for ``topic``; PublishError as for :meth:`publish`.
         """
-        _check_topic(topic)
-        open_envelope(bytes(envelope), domain=topic, max_size=self.config.max_message_size)
-        return await self.relay_many(topic, [envelope]) == 1
+        return await self.relay_many(topic, [envelope], strict=True) == 1
 
-    async def relay_many(self, topic: str, envelopes: Sequence[bytes]) -> int:
+    async def relay_many(
+        self, topic: str, envelopes: Sequence[bytes], *, strict: bool = False
+    ) -> int:
         """:meth:`relay` for several envelopes at once: one wait for room in the send
         queues for them all, not one each (a node that learned a dozen adverts from one
         pull sends them on in one go). Returns how many were sent; one that is not an
-        envelope for ``topic`` is skipped and counted (``relay_skipped``, its reason)."""
+        envelope for ``topic`` is skipped and counted (``relay_skipped``, its reason), or
+        with ``strict`` raises ProtocolViolation before anything is sent."""
         _check_topic(topic)
         fresh: list[bytes] = []
         batch: set[bytes] = set()
@@ -684,6 +685,8 @@ class GossipService:
             try:
                 env = open_envelope(envelope, domain=topic, max_size=self.config.max_message_size)
             except ProtocolViolation as err:
+                if strict:
+                    raise
                 self._metrics.count("relay_skipped", reason=err.reason)
                 continue
             if env.time_ms < self._clock_ms() - self.config.max_age_ms + RELAY_MARGIN_MS:

@@ -434,3 +434,10 @@ async def test_messages_queued_together_go_in_one_rpc_and_a_batch_relay_skips_th
         rpcs = from_a()[before:]
         assert sum(rpcs) == 12
         assert len(rpcs) <= 2, rpcs  # the one the send loop held, then the rest together
+        # one at a time (relay) or strict, a non-envelope is an error, and nothing goes out
+        extra = a.gossip.seal(TOPIC, b"not sent")
+        with pytest.raises(ProtocolViolation):
+            await a.gossip.relay(TOPIC, b"not one")
+        with pytest.raises(ProtocolViolation):
+            await a.gossip.relay_many(TOPIC, [extra, b"not one"], strict=True)
+        assert a.metrics.get("relayed", topic=TOPIC) == 12
