@@ -64,6 +64,7 @@ from phala_p2p.cli_chain import NodeStartFailed, add_connection_options, await_n
 from phala_p2p.config import NodeConfig, Role
 from phala_p2p.errors import AttestationError, NegotiationFailed, P2PError, UsageError
 from phala_p2p.genesis_dir import DEFAULT_BALANCE, DEFAULT_STAKE, GenesisDir
+from phala_p2p.net.batching import with_ready
 
 if TYPE_CHECKING:
     from phala_p2p.chain.block import Block
@@ -312,12 +313,7 @@ class _Output:
         async for line in self._recv:
             # Whatever else is queued goes out in the same write: one worker thread per
             # batch, not per line (a directory that changes 20 times in a second is 20 events).
-            lines = [line]
-            while len(lines) < WRITE_BATCH:
-                try:
-                    lines.append(self._recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            lines = with_ready(line, self._recv, WRITE_BATCH)
             await _write_in_thread("\n".join(lines))
             if self.dropped > self._reported and self._recv.statistics().current_buffer_used == 0:
                 lost, self._reported = self.dropped - self._reported, self.dropped

@@ -271,7 +271,7 @@ class _Pubsub(Pubsub):
     async def handle_sending_messages(self, peer_id: ID, stream: Any, queue: Any) -> None:
         """py-libp2p's per-peer send loop, with the RPCs queued meanwhile merged into the one
         it writes (:func:`merge_queued`)."""
-        limit = min(REPLAY_RPC_BYTES, self.max_inbound_rpc_size // 2)
+        limit = _batch_bytes(self)
         pending = getattr(queue, "_queue", None)  # py-libp2p's PriorityQueue, to peek
         try:
             while True:
@@ -282,8 +282,8 @@ class _Pubsub(Pubsub):
                     rpc = merge_queued(rpc, pending, limit=limit)
                 if not await self.write_msg(stream, rpc):
                     return
-        except Exception:
-            logger.debug("sending loop for %s terminated with error", peer_id)
+        except TRANSPORT_ERRORS as err:
+            logger.debug("sending loop for %s ended: %r", peer_id, err)
             self._handle_dead_peer(peer_id)
 
     async def write_msg(self, stream: Any, rpc_msg: Any) -> bool:
@@ -305,12 +305,26 @@ class _Pubsub(Pubsub):
             return True
 
 
+TRANSPORT_ERRORS: Final = (
+    BaseLibp2pError,
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+)
+"""What a peer's stream can fail with: the peer is gone, the others are bugs to see."""
 MERGE_RPC_MESSAGES: Final = 16
 """At most this many messages in one RPC made of queued ones (:func:`merge_queued`)."""
 SEND_QUEUE_RPCS: Final = 64
 """RPCs a peer's send queue holds (py-libp2p: 32). A relay forwards a merged RPC's messages
 at once, up to ``MERGE_RPC_MESSAGES`` per peer it came from; our own publishing stops at
 ``queue_high_water`` (16), so 48 slots are left for that, three merged RPCs' worth."""
+
+
+def _batch_bytes(pubsub: Pubsub) -> int:
+    """Bytes of messages we put in one RPC (replays, merged RPCs): REPLAY_RPC_BYTES, or half
+    of a peer's RPC cap (peers run our limits), leaving room for the RPC's own framing."""
+    return min(REPLAY_RPC_BYTES, pubsub.max_inbound_rpc_size // 2)
 
 
 def merge_queued(first: Any, pending: Any, *, limit: int) -> Any:
@@ -384,8 +398,7 @@ class _GossipSub(GossipSub):
         if pubsub is None or peer_id not in pubsub.peers:
             return
         stream = pubsub.peers[peer_id]
-        # peers run our limits: half their RPC cap leaves room for the RPC's own framing
-        limit = min(REPLAY_RPC_BYTES, pubsub.max_inbound_rpc_size // 2)
+        limit = _batch_bytes(pubsub)
         batch: list[Any] = []
         size = 0
         for mid in self.mcache.window(topic):
@@ -585,7 +598,7 @@ class GossipService:
                 logger.debug("opened the missing pubsub stream to %s", peer)
             else:
                 self._repair_after[peer] = trio.current_time() + STREAM_REPAIR_BACKOFF
-        except Exception as err:  # a peer that went away mid-repair, say
+        except TRANSPORT_ERRORS as err:  # a peer that went away mid-repair, say
             logger.debug("pubsub stream repair for %s failed: %r", peer, err)
             self._repair_after[peer] = trio.current_time() + STREAM_REPAIR_BACKOFF
         finally:

@@ -76,6 +76,7 @@ from phala_p2p.market.negotiation import (
     SignCounter,
     agreement_id,
 )
+from phala_p2p.net.batching import with_ready
 from phala_p2p.net.gossip import ACCEPT, GossipMessage, Validation
 from phala_p2p.net.host import peer_id_of
 from phala_p2p.net.locks import KeyedLocks
@@ -419,12 +420,7 @@ class MarketService:
 
     async def _relayer(self) -> None:
         async for envelope in self._relays:
-            batch = [envelope]  # what a pull found new goes out together
-            while len(batch) < RELAY_BATCH:
-                try:
-                    batch.append(self._relays.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            batch = with_ready(envelope, self._relays, RELAY_BATCH)  # a pull's finds together
             try:
                 await self._node.gossip.relay_many(CAPACITY_TOPIC, batch)
             except (P2PError, ProtocolViolation) as err:
