@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import select
@@ -32,6 +33,7 @@ from phala_p2p.market.receipt import output_hash
 from phala_p2p.tee.enclave import (
     EnclaveConfig,
     SimulatedEnclave,
+    _write_parts,
     answer_attest,
     open_simulated_enclave,
 )
@@ -309,3 +311,36 @@ def test_config_is_validated_and_hides_the_seed() -> None:
     with pytest.raises(UsageError):
         EnclaveConfig(dev_root_seed=ROOT_SEED, benchmark_fuel=LIMITS.max_fuel * 10)
     assert ROOT_SEED.hex() not in repr(CONFIG)
+
+
+async def test_frames_go_out_whole_and_in_order_through_a_small_pipe() -> None:
+    """The host writes a frame's parts with writev, waiting only when the pipe is full: a
+    pipe far smaller than the frame still gets every byte, in order; a pipe whose reader is
+    gone is an OSError (the channel then marks the enclave dead)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 4096)
+    parts = [b"head", os.urandom(100_000), b"", os.urandom(30_001), b"tail"]
+    got = bytearray()
+
+    async def read_all() -> None:
+        while len(got) < sum(map(len, parts)):
+            try:
+                got.extend(os.read(read_fd, 1000))  # slower than the writer: it must wait
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(read_fd)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            await _write_parts(write_fd, parts)
+        assert bytes(got) == b"".join(parts)
+        os.close(read_fd)
+        read_fd = -1
+        with pytest.raises(BrokenPipeError):
+            await _write_parts(write_fd, [b"x" * 10])
+    finally:
+        os.close(write_fd)
+        if read_fd >= 0:
+            os.close(read_fd)
