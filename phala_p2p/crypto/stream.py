@@ -93,7 +93,7 @@ class StreamSealer:
     def finished(self) -> bool:
         return self._finished
 
-    def seal_chunk(self, plaintext: bytes, *, final: bool) -> bytes:
+    def seal_chunk(self, plaintext: bytes | bytearray | memoryview, *, final: bool) -> bytes:
         if self._finished:
             raise UsageError("the stream is finished: nothing may follow its final chunk")
         if not isinstance(plaintext, bytes | bytearray | memoryview):
@@ -153,7 +153,9 @@ class StreamOpener:
         self._failed = True
         return err
 
-    def open_chunk(self, ciphertext: bytes, index: int) -> tuple[bytes, bool]:
+    def open_chunk(
+        self, ciphertext: bytes | bytearray | memoryview, index: int
+    ) -> tuple[bytes, bool]:
         """The plaintext of chunk ``index`` and whether it is the final chunk."""
         if self._failed:
             raise UsageError("the stream already failed; abandon it")

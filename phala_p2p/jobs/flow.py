@@ -89,7 +89,7 @@ class ChunkSender:
         """Chunks the caller may seal now."""
         return 0 if self.finished else self.window - len(self._unacked)
 
-    def seal(self, plaintext: bytes, *, final: bool) -> Chunk:
+    def seal(self, plaintext: bytes | bytearray | memoryview, *, final: bool) -> Chunk:
         """Seal the next chunk and hold it until acknowledged (UsageError without room)."""
         if self._sealer is None:
             raise SessionClosed("the sender is closed")
@@ -193,19 +193,22 @@ class ChunkReceiver:
         StreamReordered (ahead of ``index``), ChunkReplayed (below it), StreamTruncated (after
         the final chunk), InboundTooLarge; after any of them the stream is dead.
         """
+        return self.open_sealed(chunk.index, chunk.sealed)
+
+    def open_sealed(self, index: int, sealed: bytes | bytearray | memoryview) -> tuple[bytes, bool]:
+        """``open`` of the chunk ``index`` whose sealed bytes are ``sealed`` (a view of the
+        received frame: the receiver never copies the ciphertext)."""
         if self._opener is None:
             raise SessionClosed("the receiver is closed")
         try:
-            plaintext, final = self._opener.open_chunk(chunk.sealed, chunk.index)
+            plaintext, final = self._opener.open_chunk(sealed, index)
         except StreamReordered as err:
             if err.reason == "stream_replayed":
                 raise ChunkReplayed(str(err)) from err
             raise
         self._index, self._finished = self._opener.index, final
         if not final and not plaintext:
-            raise ProtocolViolation(
-                f"chunk {chunk.index} is empty and not final", reason="empty_chunk"
-            )
+            raise ProtocolViolation(f"chunk {index} is empty and not final", reason="empty_chunk")
         self.bytes_received += len(plaintext)
         if self.max_total is not None and self.bytes_received > self.max_total:
             raise InboundTooLarge(f"more than {self.max_total} bytes received")

@@ -13,9 +13,11 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
+from phala_p2p.crypto.stream import CHUNK_OVERHEAD, MAX_CHUNK_INDEX
 from phala_p2p.errors import UsageError
 from phala_p2p.jobs.errors import FrameError
 from phala_p2p.jobs.messages import (
+    MAX_CHUNK,
     MAX_FRAME,
     Ack,
     Cancel,
@@ -69,7 +71,7 @@ class Frame:
     """One received frame: its type and its (still undecoded) body."""
 
     type: FrameType
-    body: bytes
+    body: bytes | bytearray  # a bytearray when it came in pieces (kept as assembled)
 
     def __repr__(self) -> str:
         return f"Frame({self.type.name}, <{len(self.body)} bytes>)"
@@ -85,6 +87,8 @@ def frame_type_of(msg: JobMessage) -> FrameType:
 
 def encode_frame(msg: JobMessage) -> bytes:
     """The frame bytes of one message."""
+    if type(msg) is Chunk:
+        return chunk_frame(msg.index, msg.sealed)
     ftype = frame_type_of(msg)
     body = encode(msg)
     if len(body) > BODY_LIMITS[ftype]:
@@ -92,10 +96,89 @@ def encode_frame(msg: JobMessage) -> bytes:
     return _HEADER.pack(int(ftype), len(body)) + body
 
 
+# A Chunk's body is the codec's ``[version, kind, [index, sealed]]``; what precedes the index
+# is the same in every chunk. Taken from the codec itself (an empty chunk 0 ends with the
+# index 0x00 and an empty bin, c4 00), so the two paths below cannot drift from it; a test
+# holds them byte for byte to ``encode`` and ``decode``.
+_CHUNK_HEAD: Final = encode(Chunk(index=0, sealed=b""))[:-3]
+_U8: Final = struct.Struct(">B")
+_UINTS: Final = {  # msgpack's uint 8/16/32/64, smallest first
+    0xCC: struct.Struct(">B"),
+    0xCD: struct.Struct(">H"),
+    0xCE: struct.Struct(">I"),
+    0xCF: struct.Struct(">Q"),
+}
+_BINS: Final = {0xC4: struct.Struct(">B"), 0xC5: struct.Struct(">H"), 0xC6: struct.Struct(">I")}
+_MAX_SEALED: Final = MAX_CHUNK + CHUNK_OVERHEAD
+
+
+def _uint(value: int) -> bytes:
+    """msgpack's shortest form of a non-negative int (what the codec writes)."""
+    if value < 0x80:
+        return _U8.pack(value)
+    for code, fmt in _UINTS.items():
+        if value < 1 << (8 * fmt.size):
+            return _U8.pack(code) + fmt.pack(value)
+    raise UsageError("chunk index out of range")
+
+
+def chunk_frame(index: int, sealed: bytes | bytearray | memoryview) -> bytes:
+    """``encode_frame(Chunk(index, sealed))``, byte for byte, with the sealed bytes copied
+    once (into the frame) rather than three times through the generic encoder."""
+    if type(index) is not int or not 0 <= index <= MAX_CHUNK_INDEX:
+        raise UsageError(f"chunk index must be in 0..{MAX_CHUNK_INDEX}")
+    size = len(sealed)
+    if size > _MAX_SEALED:
+        raise UsageError(f"CHUNK of {size} sealed bytes is over its limit")
+    head = _chunk_head(index, size)
+    return b"".join((_HEADER.pack(FrameType.CHUNK, len(head) + size), head, sealed))
+
+
+def _chunk_head(index: int, size: int) -> bytes:
+    """The body of a Chunk up to its sealed bytes (msgpack's shortest forms, as the codec)."""
+    code = 0xC4 if size < 0x100 else 0xC5 if size < 0x10000 else 0xC6
+    return _CHUNK_HEAD + _uint(index) + _U8.pack(code) + _BINS[code].pack(size)
+
+
+def split_chunk(body: bytes | bytearray) -> tuple[int, memoryview] | None:
+    """The index and the sealed bytes (a view of ``body``, not a copy) of a CHUNK body laid
+    out exactly as ``chunk_frame`` writes it (the codec's canonical form) and within the
+    message's bounds; None for anything else, which the caller hands to ``decode_frame`` (the
+    codec then accepts it or says why not)."""
+    head = len(_CHUNK_HEAD)
+    if len(body) < head + 3 or body[:head] != _CHUNK_HEAD:
+        return None
+    pos = head
+    code = body[pos]
+    if code < 0x80:
+        index, pos = code, pos + 1
+    elif code in _UINTS:
+        fmt = _UINTS[code]
+        if pos + 1 + fmt.size > len(body):
+            return None
+        (index,) = fmt.unpack_from(body, pos + 1)
+        pos += 1 + fmt.size
+    else:
+        return None
+    if pos >= len(body) or body[pos] not in _BINS:
+        return None
+    fmt = _BINS[body[pos]]
+    if pos + 1 + fmt.size > len(body):
+        return None
+    (size,) = fmt.unpack_from(body, pos + 1)
+    pos += 1 + fmt.size
+    if index > MAX_CHUNK_INDEX or size > _MAX_SEALED or pos + size != len(body):
+        return None
+    if body[head:pos] != _chunk_head(index, size)[head:]:
+        return None  # a longer form than the shortest: not canonical, the codec refuses it
+    return index, memoryview(body)[pos:]
+
+
 def decode_frame(frame: Frame) -> JobMessage:
     """The message in ``frame``'s body; ProtocolViolation if it is not one of its type."""
     cls = _CLASS[frame.type]
-    msg: JobMessage = decode(frame.body, max_size=BODY_LIMITS[frame.type], expect=cls)
+    body = frame.body if type(frame.body) is bytes else bytes(frame.body)
+    msg: JobMessage = decode(body, max_size=BODY_LIMITS[frame.type], expect=cls)
     return msg
 
 
@@ -153,13 +236,14 @@ class FrameDecoder:
         assert self._type is not None
         need = self._length - len(self._body)
         take = min(need, len(view) - pos)
+        body: bytes | bytearray
         if not self._body and take == need:  # the whole body at hand: a single copy
             body = bytes(view[pos : pos + take])
         else:
             self._body += view[pos : pos + take]
             if take < need:
                 return pos + take
-            body = bytes(self._body)
+            body = self._body  # handed over as assembled: a new one is started below
         frames.append(Frame(self._type, body))
         self._type, self._body = None, bytearray()
         return pos + take
@@ -192,7 +276,9 @@ __all__ = [
     "Frame",
     "FrameDecoder",
     "FrameType",
+    "chunk_frame",
     "decode_frame",
     "encode_frame",
     "frame_type_of",
+    "split_chunk",
 ]

@@ -141,26 +141,33 @@ class RecordDecoder:
             raise ProtocolViolation("data after the final receipt", reason="after_final")
         self._buf += data
         out: list[Record] = []
-        while len(self._buf) >= _RECORD_HEADER.size:
-            kind_byte, length = _RECORD_HEADER.unpack_from(self._buf)
-            try:
-                kind = RecordType(kind_byte)
-            except ValueError:
-                raise ProtocolViolation(
-                    f"unknown record type {kind_byte}", reason="bad_record"
-                ) from None
-            if not 0 < length <= _RECORD_LIMITS[kind]:
-                raise ProtocolViolation(
-                    f"a {kind.name} record of {length} bytes", reason="bad_record"
-                )
-            end = _RECORD_HEADER.size + length
-            if len(self._buf) < end:
-                break
-            payload = bytes(self._buf[_RECORD_HEADER.size : end])
-            del self._buf[:end]
-            out.append(self._record(kind, payload))
-            if self.final_seen and self._buf:
-                raise ProtocolViolation("data after the final receipt", reason="after_final")
+        pos = 0  # the records are copied out once each; what they used is dropped once, below
+        try:
+            with memoryview(self._buf) as buf:
+                while len(buf) - pos >= _RECORD_HEADER.size:
+                    kind_byte, length = _RECORD_HEADER.unpack_from(buf, pos)
+                    try:
+                        kind = RecordType(kind_byte)
+                    except ValueError:
+                        raise ProtocolViolation(
+                            f"unknown record type {kind_byte}", reason="bad_record"
+                        ) from None
+                    if not 0 < length <= _RECORD_LIMITS[kind]:
+                        raise ProtocolViolation(
+                            f"a {kind.name} record of {length} bytes", reason="bad_record"
+                        )
+                    start = pos + _RECORD_HEADER.size
+                    if len(buf) < start + length:
+                        break
+                    payload = bytes(buf[start : start + length])
+                    pos = start + length
+                    out.append(self._record(kind, payload))
+                    if self.final_seen and len(buf) > pos:
+                        raise ProtocolViolation(
+                            "data after the final receipt", reason="after_final"
+                        )
+        finally:
+            del self._buf[:pos]
         return out
 
     def _record(self, kind: RecordType, payload: bytes) -> Record:

@@ -34,7 +34,14 @@ from phala_p2p.jobs.errors import (
     cancel_code_for,
 )
 from phala_p2p.jobs.flow import ChunkReceiver, ChunkSender
-from phala_p2p.jobs.framing import Frame, FrameDecoder, decode_frame, encode_frame
+from phala_p2p.jobs.framing import (
+    Frame,
+    FrameDecoder,
+    FrameType,
+    decode_frame,
+    encode_frame,
+    split_chunk,
+)
 from phala_p2p.jobs.keys import (
     ACK_LABEL,
     CANCEL_LABEL,
@@ -202,7 +209,7 @@ class JobSession:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def send(self, data: bytes, *, final: bool = False) -> None:
+    def send(self, data: bytes | bytearray | memoryview, *, final: bool = False) -> None:
         """Seal ``data`` (at most ``send_room`` bytes) as chunks; ``final`` ends our stream."""
         if self._state is not State.OPEN or self._sender is None:
             raise self._not_open()
@@ -217,7 +224,7 @@ class JobSession:
             last = n == len(pieces) - 1
             if not final and last and not piece:
                 return  # nothing to send
-            chunk = self._sender.seal(bytes(piece), final=final and last)
+            chunk = self._sender.seal(piece, final=final and last)
             self._outbox.append(encode_frame(chunk))
 
     def cancel(self, code: int = CancelCode.ABORTED, text: str = "") -> None:
@@ -275,7 +282,12 @@ class JobSession:
         for frame in frames:
             self._check_receiving()
             try:
-                events.extend(self._dispatch(decode_frame(frame), now_ms))
+                # the data path: a chunk's ciphertext is opened where it lies in the frame
+                split = split_chunk(frame.body) if frame.type is FrameType.CHUNK else None
+                if split is not None and self._state is State.OPEN:
+                    events.append(self._on_sealed(*split))
+                else:
+                    events.extend(self._dispatch(decode_frame(frame), now_ms))
             except ProtocolViolation as err:
                 raise self._fail(err) from None
         self._queue_ack()
@@ -304,10 +316,13 @@ class JobSession:
         )
 
     def _on_chunk(self, chunk: Chunk) -> DataReceived:
+        return self._on_sealed(chunk.index, chunk.sealed)
+
+    def _on_sealed(self, index: int, sealed: bytes | memoryview) -> DataReceived:
         assert self._receiver is not None
-        data, final = self._receiver.open(chunk)
+        data, final = self._receiver.open_sealed(index, sealed)
         self._ack_due = True
-        return DataReceived(index=chunk.index, data=data, final=final)
+        return DataReceived(index=index, data=data, final=final)
 
     def _on_ack(self, ack: Ack) -> list[Event]:
         assert self._sender is not None

@@ -899,7 +899,7 @@ class _ClientRun:
                     continue
                 continue  # the session may have changed while we waited: look again
             room = session.send_room
-            data, self._held = bytes(self._held[:room]), self._held[room:]
+            data, self._held = self._held[:room], self._held[room:]  # views: sealed uncopied
             # the agreed size reached: this chunk ends our stream (no empty final chunk
             # after it, which would cost the enclave one more call)
             last = self.sent + len(data) == self.total

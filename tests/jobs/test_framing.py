@@ -10,11 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from phala_p2p.crypto.stream import CHUNK_OVERHEAD, MAX_CHUNK_INDEX
 from phala_p2p.errors import ProtocolViolation, UsageError
 from phala_p2p.jobs import Frame, FrameDecoder, FrameType, decode_frame, encode_frame
 from phala_p2p.jobs.errors import FrameError
-from phala_p2p.jobs.framing import BODY_LIMITS, HEADER_SIZE
+from phala_p2p.jobs.framing import BODY_LIMITS, HEADER_SIZE, chunk_frame, split_chunk
 from phala_p2p.jobs.messages import (
+    MAX_CHUNK,
     MAX_FRAME,
     Ack,
     Cancel,
@@ -149,3 +151,86 @@ def test_the_buffer_never_exceeds_one_frame() -> None:
         decoder.feed(data[i : i + 1000])
         assert decoder.buffered < HEADER_SIZE + 4096
     assert decoder.max_buffered == HEADER_SIZE + 4096 - 1
+
+
+# the data path's own CHUNK encoder and parser, held to the codec byte for byte
+_EDGES = [0, 1, 0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x10000, 0xFFFFFFFF, 1 << 32, MAX_CHUNK_INDEX]
+_SIZES = [0, 1, 0xFF, 0x100, 0xFFFF, 0x10000, MAX_CHUNK + CHUNK_OVERHEAD]
+
+
+@pytest.mark.parametrize("index", _EDGES)
+@pytest.mark.parametrize("size", _SIZES)
+def test_the_fast_chunk_frame_is_the_codecs_frame(index: int, size: int) -> None:
+    sealed = bytes([index % 251]) * size
+    body = encode(Chunk(index, sealed))
+    generic = header(FrameType.CHUNK, len(body)) + body
+    assert encode_frame(Chunk(index, sealed)) == chunk_frame(index, sealed) == generic
+    frame = FrameDecoder().feed(generic)[0]
+    got = split_chunk(frame.body)
+    assert got is not None
+    assert got[0] == index
+    assert bytes(got[1]) == sealed
+    assert decode_frame(frame) == Chunk(index, sealed)
+
+
+def test_the_fast_chunk_encoder_keeps_the_messages_bounds() -> None:
+    with pytest.raises(UsageError):
+        chunk_frame(MAX_CHUNK_INDEX + 1, b"x")
+    with pytest.raises(UsageError):
+        chunk_frame(-1, b"x")
+    with pytest.raises(UsageError):
+        chunk_frame(0, bytes(MAX_CHUNK + CHUNK_OVERHEAD + 1))
+
+
+def _body(index_bytes: bytes, bin_bytes: bytes, sealed: bytes) -> bytes:
+    head = encode(Chunk(index=0, sealed=b""))[:-3]
+    return head + index_bytes + bin_bytes + sealed
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _body(b"\xcd\x00\x05", b"\xc4\x01", b"x"),  # an index in a longer form than needed
+        _body(b"\x05", b"\xc5\x00\x01", b"x"),  # a bin length in a longer form
+        _body(b"\xce\x00\x00\x01\x00", b"\xc6\x00\x00\x00\x03", b"xyz"),
+        _body(b"\x05", b"\xc4\x02", b"x"),  # a length past the body
+        _body(b"\x05", b"\xc4\x01", b"xy"),  # bytes after the sealed part
+        _body(b"\xcf" + (MAX_CHUNK_INDEX + 1).to_bytes(8, "big"), b"\xc4\x01", b"x"),
+        _body(b"\xd0\x05", b"\xc4\x01", b"x"),  # a signed int
+        _body(b"\x05", b"\xd9\x01", b"x"),  # a string, not bytes
+        encode(Ack(next_index=4, mac=bytes(32))),  # another message
+        b"",
+    ],
+)
+def test_anything_but_the_plain_layout_goes_to_the_codec(body: bytes) -> None:
+    """The fast parser takes only the canonical layout, within the message's bounds; the
+    rest goes to the generic decoder, which refuses each of these."""
+    assert split_chunk(body) is None
+    assert split_chunk(bytearray(body)) is None
+    with pytest.raises(ProtocolViolation):
+        decode_frame(Frame(FrameType.CHUNK, body))
+
+
+def test_a_chunk_split_across_reads_is_opened_from_the_assembled_body() -> None:
+    sealed = bytes(range(256)) * 1024
+    frame_bytes = chunk_frame(9, sealed)
+    decoder = FrameDecoder()
+    frames = []
+    for start in range(0, len(frame_bytes), 65536):
+        frames += decoder.feed(frame_bytes[start : start + 65536])
+    (frame,) = frames
+    got = split_chunk(frame.body)
+    assert got is not None
+    assert got[0] == 9
+    assert got[1] == sealed
+    assert decode_frame(frame) == Chunk(9, sealed)
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=40))
+def test_the_fast_parser_never_raises_and_agrees_with_the_codec(tail: bytes) -> None:
+    body = encode(Chunk(index=0, sealed=b""))[:-3] + tail
+    fast = split_chunk(body)
+    if fast is None:
+        return
+    assert decode_frame(Frame(FrameType.CHUNK, body)) == Chunk(fast[0], bytes(fast[1]))
