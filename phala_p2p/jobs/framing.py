@@ -270,11 +270,44 @@ class FrameDecoder:
         return self._error
 
 
+class FrameEnds:
+    """Where frames end in a byte stream, without keeping or checking them: a relay that
+    passes the stream on (the miner's node, to its enclave) uses it to tell whether what it
+    holds ends at least one frame. Only the headers are looked at; a bad one is the
+    receiver's to refuse, this just counts its length."""
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._left = 0  # body bytes of the current frame still to come
+
+    def feed(self, data: bytes | bytearray | memoryview) -> bool:
+        """Take the next bytes of the stream; whether they end a frame."""
+        ended = False
+        with memoryview(data) as raw, raw.cast("B") as view:
+            pos, size = 0, len(view)
+            while pos < size:
+                if self._left:
+                    take = min(self._left, size - pos)
+                    self._left -= take
+                    pos += take
+                    ended = ended or not self._left
+                    continue
+                take = min(HEADER_SIZE - len(self._header), size - pos)
+                self._header += view[pos : pos + take]
+                pos += take
+                if len(self._header) == HEADER_SIZE:
+                    _, self._left = _HEADER.unpack(self._header)
+                    self._header = bytearray()
+                    ended = ended or not self._left  # (an empty body: refused downstream)
+        return ended
+
+
 __all__ = [
     "BODY_LIMITS",
     "HEADER_SIZE",
     "Frame",
     "FrameDecoder",
+    "FrameEnds",
     "FrameType",
     "chunk_frame",
     "decode_frame",

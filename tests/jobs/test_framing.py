@@ -14,7 +14,13 @@ from phala_p2p.crypto.stream import CHUNK_OVERHEAD, MAX_CHUNK_INDEX
 from phala_p2p.errors import ProtocolViolation, UsageError
 from phala_p2p.jobs import Frame, FrameDecoder, FrameType, decode_frame, encode_frame
 from phala_p2p.jobs.errors import FrameError
-from phala_p2p.jobs.framing import BODY_LIMITS, HEADER_SIZE, chunk_frame, split_chunk
+from phala_p2p.jobs.framing import (
+    BODY_LIMITS,
+    HEADER_SIZE,
+    FrameEnds,
+    chunk_frame,
+    split_chunk,
+)
 from phala_p2p.jobs.messages import (
     MAX_CHUNK,
     MAX_FRAME,
@@ -234,3 +240,26 @@ def test_the_fast_parser_never_raises_and_agrees_with_the_codec(tail: bytes) -> 
     if fast is None:
         return
     assert decode_frame(Frame(FrameType.CHUNK, body)) == Chunk(fast[0], bytes(fast[1]))
+
+
+@settings(max_examples=300)
+@given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=12))
+def test_frame_ends_says_which_pieces_end_a_frame(cuts: list[int]) -> None:
+    """A relay's FrameEnds, fed the stream in any pieces, says True exactly for the pieces
+    in which some frame ends."""
+    bounds = sorted({0, len(STREAM), *cuts})
+    frame_ends = set(itertools.accumulate(len(encode_frame(m)) for m in SAMPLES))
+    ends = FrameEnds()
+    for start, stop in itertools.pairwise(bounds):
+        expected = any(start < end <= stop for end in frame_ends)
+        assert ends.feed(STREAM[start:stop]) is expected, (start, stop)
+
+
+def test_frame_ends_counts_a_header_it_does_not_judge() -> None:
+    """An unknown type or an empty body is the receiver's to refuse; the relay only counts
+    (an empty body ends its frame with the header)."""
+    ends = FrameEnds()
+    assert ends.feed(header(99, 3)) is False
+    assert ends.feed(b"ab") is False
+    assert ends.feed(b"c") is True
+    assert ends.feed(header(FrameType.ACK, 0)) is True
