@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import multiaddr
@@ -41,7 +41,7 @@ from phala_p2p.net.logs import tame_libp2p_loggers
 from phala_p2p.net.metrics import Metrics, serve_prometheus
 from phala_p2p.net.reqresp import Handler, ProtocolLimits, RequestResponse, StreamHandler
 from phala_p2p.services.chain import STORE_FILE, ChainService, Wallet
-from phala_p2p.services.jobs import JobResult, JobService
+from phala_p2p.services.jobs import JobResult, JobService, JobStream
 from phala_p2p.services.keys import KeyService
 from phala_p2p.services.market import MarketService
 from phala_p2p.services.tee import TeeService, VerifiedMiner, verify_miner
@@ -172,6 +172,14 @@ class Node:
         """Run a job with streamed input and output (see :meth:`JobService.run_job_stream`)."""
         self.market  # noqa: B018 (a UsageError without a chain)
         return await self.jobs.run_job_stream(module, input, **options)
+
+    def open_job_stream(
+        self, module: bytes, input: Any, **options: Any
+    ) -> AbstractAsyncContextManager[JobStream]:
+        """Run a job with its output as an async iterable (``async with ... as job: async
+        for piece in job``; see :meth:`JobService.open_job_stream`)."""
+        self.market  # noqa: B018 (a UsageError without a chain)
+        return self.jobs.open_job_stream(module, input, **options)
 
     async def verify_miner(self, peer_id: str, *, timeout: float = 10.0) -> VerifiedMiner:
         """Attest ``peer_id``'s enclave ourselves (fresh quote over our nonce) and check it

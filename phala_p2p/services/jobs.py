@@ -19,7 +19,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -75,6 +75,7 @@ WRITE_TIMEOUT: Final = 30.0
 ENCLAVE_BATCH: Final = 2 << 20
 FIRST_FRAME_TIMEOUT: Final = 10.0
 MAX_KEPT: Final = 4096
+OUTPUT_BUFFER: Final = 4  # open_job_stream: output pieces waiting to be read, by default
 # the executor's errors by name: the same table the enclave channel uses
 _EXECUTION_ERRORS: Final[dict[str, type[ExecutionError]]] = {
     name: cls for name, cls in ERROR_CODES.items() if issubclass(cls, ExecutionError)
@@ -137,6 +138,38 @@ class JobResult:
             await self._settling.done.wait()
             self.settlement = self._settling.receipt
         return self.settlement
+
+
+class JobStream:
+    """A job's output as it arrives, from :meth:`JobService.open_job_stream`: iterate it
+    (``async for piece in job``) for the output's pieces in order; ``result`` is the
+    :class:`JobResult` once the job is done (its output went to the iteration)."""
+
+    def __init__(self, pieces: trio.MemoryReceiveChannel[bytes]) -> None:
+        self._pieces = pieces
+        self._result: JobResult | None = None
+        self.exhausted = False
+        """The output was read to its end."""
+
+    def __aiter__(self) -> JobStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._pieces.receive()
+        except trio.EndOfChannel:
+            self.exhausted = True
+            raise StopAsyncIteration from None
+
+    @property
+    def result(self) -> JobResult:
+        """The finished job; UsageError before the ``async with`` block is left (after the
+        output was read to its end: leaving it earlier cancels the job)."""
+        if self._result is None:
+            raise UsageError(
+                "the job is not done: read its output to the end, then leave the block"
+            )
+        return self._result
 
 
 class _Renegotiated(Exception):
@@ -536,6 +569,72 @@ class JobService:
         )
         result.output = bytes(output)
         return result
+
+    @asynccontextmanager
+    async def open_job_stream(
+        self,
+        module: bytes,
+        input: bytes | AsyncIterable[bytes],
+        *,
+        input_size: int,
+        max_fuel: int,
+        max_price: int | None = None,
+        miner: Advert | str | None = None,
+        deadline: float = 300.0,
+        progress: Progress | None = None,
+        settle: Settle = True,
+        buffer: int = OUTPUT_BUFFER,
+    ) -> AsyncIterator[JobStream]:
+        """:meth:`run_job_stream` with its output as an async iterable::
+
+            async with node.open_job_stream(module, pieces(), input_size=n, max_fuel=f) as job:
+                async for piece in job:
+                    ...
+            job.result  # JobResult: receipt, miner, agreement, settlement
+
+        At most ``buffer`` pieces wait to be read; a reader that stops reading holds the
+        enclave back (the session's window), so memory stays bounded. Leaving the block
+        before the output's end (a ``break``, an error) cancels the job: the enclave ends
+        the session and the miner's slot is freed. The job's own errors (JobExecutionFailed,
+        JobLost, ...) are raised when the block is left."""
+        if isinstance(buffer, bool) or not isinstance(buffer, int) or not 1 <= buffer <= 1024:
+            raise UsageError("buffer must be an int in 1..1024 (pieces)")
+        send, receive = trio.open_memory_channel[bytes](buffer)
+        job = JobStream(receive)
+
+        async def run() -> None:
+            async with send:
+                job._result = await self.run_job_stream(
+                    module,
+                    input,
+                    input_size=input_size,
+                    on_output=send.send,
+                    max_fuel=max_fuel,
+                    max_price=max_price,
+                    miner=miner,
+                    deadline=deadline,
+                    progress=progress,
+                    settle=settle,
+                )
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                try:
+                    yield job
+                except BaseException:
+                    nursery.cancel_scope.cancel()
+                    raise
+                if not job.exhausted:  # left before the end: the caller gives up
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1 and not isinstance(
+                group.exceptions[0], BaseExceptionGroup
+            ):
+                raise group.exceptions[0] from None  # the job's error, or the caller's
+            raise _one_error(group) from None
+        finally:
+            receive.close()
 
     async def run_job_stream(
         self,
@@ -1027,5 +1126,6 @@ __all__ = [
     "JobProgress",
     "JobResult",
     "JobService",
+    "JobStream",
     "StreamStats",
 ]

@@ -19,7 +19,7 @@ from phala_p2p.chain.params import PPM
 from phala_p2p.chain.settlement import SubmitReceiptEvidence, cost
 from phala_p2p.config import JobsConfig, NodeConfig
 from phala_p2p.crypto.identity import Identity
-from phala_p2p.errors import NegotiationFailed, Trap
+from phala_p2p.errors import NegotiationFailed, Trap, UsageError
 from phala_p2p.market.receipt import JobReceipt, equivocation
 from phala_p2p.services.jobs import JobExecutionFailed, JobLost, JobProgress
 from phala_p2p.tee.executor import ExecutorLimits
@@ -477,3 +477,70 @@ async def test_a_client_that_gives_up_cancels_the_session_and_frees_the_slot() -
 
         await wait_until(ended, 10, message="the enclave ended the session")
         assert miner.market.book.free_slots == slots
+
+
+async def test_output_as_an_async_iterable_reads_in_order_and_leaving_early_cancels() -> None:
+    """open_job_stream: the output is iterated in order and the result comes after it; a
+    reader that leaves before the end cancels the job (the enclave ends the session, the
+    slot comes back); a failed job's error is raised when the block is left."""
+    async with open_devnet(
+        gatekeepers=1, miners=1, clients=1, seed=70, chain_params=FAST, configure=_fast_jobs
+    ) as net:
+        client, miner = net.clients[0], net.miners[0]
+        (advert,) = await client.find_miners(wait=60)
+        slots = advert.free_slots
+        data = bytes(range(256)) * 16_384  # 4 MiB
+        pieces = [data[i : i + 65_536] for i in range(0, len(data), 65_536)]
+
+        async def source():  # type: ignore[no-untyped-def]
+            for piece in pieces:
+                yield piece
+
+        got = bytearray()
+        reads = 0
+        async with client.open_job_stream(
+            wasm("stream_echo.wat"), source(), input_size=len(data), max_fuel=10**9, buffer=2
+        ) as job:
+            with pytest.raises(UsageError):
+                job.result  # noqa: B018 (not done yet)
+            async for piece in job:
+                got += piece
+                reads += 1
+        assert bytes(got) == data
+        assert reads > 1  # streamed, not one piece at the end
+        result = job.result
+        result.receipt.verify()
+        assert result.receipt.bytes_out == len(data)
+        assert result.settlement is not None
+        assert result.settlement.ok
+
+        async def endless():  # type: ignore[no-untyped-def]
+            while True:
+                yield bytes(64 << 10)
+
+        endless_source = endless()
+        async with client.open_job_stream(
+            wasm("stream_echo.wat"), endless_source, input_size=1 << 30, max_fuel=10**10
+        ) as job:
+            async for _piece in job:
+                assert miner.market.book is not None
+                assert miner.market.book.free_slots == slots - 1
+                break
+        await endless_source.aclose()
+        with pytest.raises(UsageError):
+            job.result  # noqa: B018 (cancelled: no result)
+
+        def ended() -> bool:
+            counters = miner.metrics.snapshot()["counters"]
+            return counters.get("job_sessions_ended[reason=client_cancelled]") == 1
+
+        await wait_until(ended, 10, message="the enclave ended the session")
+        assert miner.market.book.free_slots == slots
+
+        with pytest.raises(JobExecutionFailed) as caught:
+            async with client.open_job_stream(
+                wasm("trap.wat"), b"", input_size=0, max_fuel=10**7
+            ) as job:
+                async for _piece in job:
+                    pass
+        assert caught.value.kind is Trap
