@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from phala_p2p.config import JobsConfig, NodeConfig
 from phala_p2p.crypto.identity import Identity
 from phala_p2p.errors import NegotiationFailed, Trap, UsageError
 from phala_p2p.market.receipt import JobReceipt, equivocation
+from phala_p2p.node import Node
 from phala_p2p.services.jobs import JobExecutionFailed, JobLost, JobProgress
 from phala_p2p.tee.executor import ExecutorLimits
 from phala_p2p.tee.measurement import compute_measurement
@@ -435,6 +437,24 @@ async def test_an_enclave_that_signs_conflicting_receipts_is_slashed_everywhere(
         assert again.error == "evidence_used"
 
 
+async def _endless() -> AsyncIterator[bytes]:
+    while True:
+        yield bytes(64 << 10)
+
+
+async def _cancelled_session_ends(miner: Node, slots: int) -> None:
+    """The miner's enclave ended one session as cancelled by its client, and the slot the
+    job held is free again."""
+
+    def ended() -> bool:
+        counters = miner.metrics.snapshot()["counters"]
+        return counters.get("job_sessions_ended[reason=client_cancelled]") == 1
+
+    await wait_until(ended, 10, message="the enclave ended the session")
+    assert miner.market.book is not None
+    assert miner.market.book.free_slots == slots
+
+
 async def test_a_client_that_gives_up_cancels_the_session_and_frees_the_slot() -> None:
     async with open_devnet(
         gatekeepers=1, miners=1, clients=1, seed=69, chain_params=FAST, configure=_fast_jobs
@@ -444,11 +464,7 @@ async def test_a_client_that_gives_up_cancels_the_session_and_frees_the_slot() -
         slots = advert.free_slots
         streaming = trio.Event()
 
-        async def endless():  # type: ignore[no-untyped-def]
-            while True:
-                yield bytes(64 << 10)
-
-        source = endless()
+        source = _endless()
 
         async def sink(data: bytes) -> None:
             streaming.set()
@@ -470,13 +486,7 @@ async def test_a_client_that_gives_up_cancels_the_session_and_frees_the_slot() -
             assert miner.market.book.free_slots == slots - 1
             nursery.cancel_scope.cancel()
         await source.aclose()
-
-        def ended() -> bool:
-            counters = miner.metrics.snapshot()["counters"]
-            return counters.get("job_sessions_ended[reason=client_cancelled]") == 1
-
-        await wait_until(ended, 10, message="the enclave ended the session")
-        assert miner.market.book.free_slots == slots
+        await _cancelled_session_ends(miner, slots)
 
 
 async def test_output_as_an_async_iterable_reads_in_order_and_leaving_early_cancels() -> None:
@@ -514,11 +524,7 @@ async def test_output_as_an_async_iterable_reads_in_order_and_leaving_early_canc
         assert result.settlement is not None
         assert result.settlement.ok
 
-        async def endless():  # type: ignore[no-untyped-def]
-            while True:
-                yield bytes(64 << 10)
-
-        endless_source = endless()
+        endless_source = _endless()
         async with client.open_job_stream(
             wasm("stream_echo.wat"), endless_source, input_size=1 << 30, max_fuel=10**10
         ) as job:
@@ -529,13 +535,7 @@ async def test_output_as_an_async_iterable_reads_in_order_and_leaving_early_canc
         await endless_source.aclose()
         with pytest.raises(UsageError):
             job.result  # noqa: B018 (cancelled: no result)
-
-        def ended() -> bool:
-            counters = miner.metrics.snapshot()["counters"]
-            return counters.get("job_sessions_ended[reason=client_cancelled]") == 1
-
-        await wait_until(ended, 10, message="the enclave ended the session")
-        assert miner.market.book.free_slots == slots
+        await _cancelled_session_ends(miner, slots)
 
         with pytest.raises(JobExecutionFailed) as caught:
             async with client.open_job_stream(
