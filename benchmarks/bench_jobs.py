@@ -11,7 +11,8 @@ throughput  --size-mib up and the same down through the enclave: run_job_stream 
             between the same client and miner nodes, the miner's node echoing the same
             bytes back. Target: job/raw >= 0.8x, best against best; also the median of each
             job against the raw run right after it (steadier when the machine's speed drifts
-            within a run). Also the peak RSS growth during each run,
+            within a run). Also the CPU this process and the enclave's spend per run, and
+            the peak RSS growth during each run,
             of this process (which holds every devnet node, the client's among them) and of
             the miner's enclave process.
 e2e         a small job (uppercase.wat, 1 KiB) end to end on a warm devnet (miner known,
@@ -33,6 +34,7 @@ handshake   the sans-IO session handshake (ClientJobSession hello -> SessionTabl
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -121,6 +123,15 @@ class PeakRss:
 
     def growth(self, name: str) -> float:
         return (self.peak[name] - self.start[name]) / MIB
+
+
+def _cpu(pid: int | str = "self") -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc), 0 if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measured(fn: Callable[[], Any], rss: PeakRss) -> Any:
@@ -225,6 +236,9 @@ async def bench_throughput(mib: int, reps: int) -> None:
         )
         jobs: list[float] = []
         raws: list[float] = []
+        job_cpu: list[float] = []
+        raw_cpu: list[float] = []
+        enclave_cpu: list[float] = []
         raw_rss: list[float] = []
         job_rss: list[tuple[float, float]] = []
         stats = None
@@ -232,12 +246,17 @@ async def bench_throughput(mib: int, reps: int) -> None:
             # the job first: its first run pays for growing this process's heap (the
             # conservative order for the job's memory figure)
             rss = PeakRss(**pids)
+            before = _cpu(), _cpu(enclave_pid) if enclave_pid is not None else 0.0
             took, result = await measured(lambda: job_echo(client, miner, module, size), rss)
             jobs.append(took)
+            job_cpu.append(_cpu() - before[0])
+            enclave_cpu.append((_cpu(enclave_pid) if enclave_pid is not None else 0.0) - before[1])
             job_rss.append((rss.growth("node"), rss.growth("enclave") if enclave_pid else 0.0))
             stats = result.stats
             rss = PeakRss(node="self")
+            before_raw = _cpu()
             raws.append(await measured(lambda: raw_echo(client, miner, size), rss))
+            raw_cpu.append(_cpu() - before_raw)
             raw_rss.append(rss.growth("node"))
         best_raw, best_job = min(raws), min(jobs)
         raw, job = 2 * mib / best_raw, 2 * mib / best_job  # MiB/s, both directions together
@@ -250,6 +269,12 @@ async def bench_throughput(mib: int, reps: int) -> None:
         print(
             f"  each job against the raw echo after it: median {paired:.2f}x "
             f"(pairs {', '.join(f'{r / j:.2f}' for r, j in zip(raws, jobs, strict=True))})"
+        )
+        cpu_job, cpu_raw = statistics.median(job_cpu), statistics.median(raw_cpu)
+        print(
+            f"  CPU of this process per run, median (the whole call, background included): "
+            f"job {cpu_job:.2f} s, raw {cpu_raw:.2f} s, raw/job {cpu_raw / cpu_job:.2f}x; "
+            f"the enclave process: job {statistics.median(enclave_cpu):.2f} s"
         )
         assert stats is not None
         print(
