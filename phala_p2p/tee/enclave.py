@@ -414,14 +414,16 @@ class SimulatedEnclave(Enclave):
                 if not chunk:
                     break
                 self._record("from_enclave", chunk)
+                full = len(chunk) == _PIPE_BYTES
                 responses = decoder.feed(chunk)
                 del chunk
                 for response in responses:
                     self._deliver(response)
                     del response  # the caller holds the answer; none is kept alive here
-                if responses:
+                if responses or full:
                     del responses
-                    await trio.lowlevel.checkpoint()  # the callers run; a flood cannot spin
+                    # the callers run; a long blob or a flood of answers cannot hold the loop
+                    await trio.lowlevel.checkpoint()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         except ProtocolViolation as err:
