@@ -231,8 +231,11 @@ def test_demo_that_times_out_names_what_is_missing(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 1, done.stdout + done.stderr
     line = step(done.stdout, r"^devnet not working within 3s: (.*)$")[1]
-    # three seconds are too short to start four processes: those that are not up are named
-    assert any(what in line for what in ("never reported ready", "not started")), line
+    # Three seconds are too short for a working devnet: what is missing is named, at
+    # whichever stage the deadline found it (on a fast machine the four processes are up
+    # in time and it is the chain's height and the miner's advert that are missing).
+    stages = ("not started", "never reported ready", "below height", "not advertising")
+    assert any(what in line for what in stages), line
     assert "miner-1" in line
     assert f"logs in {tmp_path / 'logs'}" in done.stdout
     assert not sessions_alive(set(node_pids(tmp_path)))
