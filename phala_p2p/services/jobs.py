@@ -622,11 +622,9 @@ class JobService:
                 nursery.start_soon(run)
                 try:
                     yield job
-                except BaseException:
-                    nursery.cancel_scope.cancel()
-                    raise
-                if not job.exhausted:  # left before the end: the caller gives up
-                    nursery.cancel_scope.cancel()
+                finally:
+                    if not job.exhausted:  # left before the end (a break, an error): give up
+                        nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             if len(group.exceptions) == 1 and not isinstance(
                 group.exceptions[0], BaseExceptionGroup
