@@ -295,29 +295,16 @@ class JobService:
             return
         # Two tasks, so that reading the client and the enclave's work overlap with writing
         # the enclave's answers (which the client's flow control may hold up); the queue
-        # between them is short, so a slow client slows the reading down.
-        reads_in, reads_out = trio.open_memory_channel[bytes](RELAY_QUEUE)
+        # between them is short, so a slow client slows the reading down. The reading task
+        # reads the stream itself: what arrives while the enclave works waits in the
+        # stream's buffer (its flow-control window) and is then taken in one read.
         send, receive = trio.open_memory_channel[bytes](RELAY_QUEUE)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_out, stream, receive)
-            async with send, trio.open_nursery() as reading:
-                reading.start_soon(self._read_in, stream, reads_in)
+            async with send:
                 await send.send(step.out)
-                await self._feed_enclave(enclave, stream, first, step, reads_out, send)
-                reading.cancel_scope.cancel()
+                await self._feed_enclave(enclave, stream, first, step, send)
             # the writer drains what is queued (the last chunks, a Cancel), then ends
-
-    async def _read_in(self, stream: RawStream, out: trio.MemorySendChannel[bytes]) -> None:
-        """Read the client's bytes ahead of the enclave (b"" at the end of the stream)."""
-        async with out:
-            while True:
-                try:
-                    data = await stream.read(READ_SIZE)
-                except ConnectionLost:
-                    data = b""
-                await _put(out, data)
-                if not data:
-                    return
 
     async def _feed_enclave(
         self,
@@ -325,7 +312,6 @@ class JobService:
         stream: RawStream,
         opened_with: bytes,
         opened: JobStep,
-        reads: trio.MemoryReceiveChannel[bytes],
         send: trio.MemorySendChannel[bytes],
     ) -> None:
         session_id, generation = opened.session_id, opened.generation
@@ -336,24 +322,16 @@ class JobService:
         complete = False  # the held bytes end at least one frame
         ended = False
         while not ended:
-            # everything read meanwhile goes in one call: fewer round trips to the enclave
             try:
-                piece = reads.receive_nowait()
-            except trio.WouldBlock:
-                piece = await reads.receive()
-            while True:
-                if not piece:
-                    ended = True
-                    break
+                piece = await stream.read(READ_SIZE)
+            except ConnectionLost:
+                piece = b""
+            if piece:
                 batch.append(piece)
                 held += len(piece)
                 complete = ends.feed(piece) or complete
-                if held >= ENCLAVE_BATCH:
-                    break
-                try:
-                    piece = reads.receive_nowait()
-                except trio.WouldBlock:
-                    break
+            else:
+                ended = True
             # Bytes that end no frame (the middle of a chunk) would only be buffered by the
             # enclave: they wait here for the rest of their frame, which saves a round trip
             # (about half the calls of a bulk upload), unless the batch is full or the
