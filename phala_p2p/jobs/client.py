@@ -70,7 +70,11 @@ class ClientJobSession(JobSession):
         pub = self._ephemeral.public_key
         sig = b"" if client is None else client.sign(client_hello_statement(agreement_id, sid, pub))
         self._hello = ClientHello(
-            agreement_id=agreement_id, session_id=sid, client_pub=pub, client_sig=sig
+            agreement_id=agreement_id,
+            session_id=sid,
+            client_pub=pub,
+            window=self.config.window,
+            client_sig=sig,
         )
         self._attempt = 0
         self._outbox.append(encode_frame(self._hello))
@@ -125,7 +129,7 @@ class ClientJobSession(JobSession):
             raise BadSessionKey(str(err)) from err
         self._ephemeral = None
         transcript = handshake_transcript(hello, reply, self._enclave_key)
-        self._install(SessionKeys.derive(shared, transcript, hello))
+        self._install(SessionKeys.derive(shared, transcript, hello), peer_window=reply.window)
         return HandshakeComplete(session_id=self.session_id)
 
     def resume(self, now_ms: int) -> None:

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from phala_p2p.errors import UsageError
-from phala_p2p.jobs.messages import MAX_CHUNK
+from phala_p2p.jobs.messages import MAX_CHUNK, MAX_WINDOW
 
 DEFAULT_CHUNK: Final = 256 * 1024
-MAX_WINDOW: Final = 1024
 MAX_GRACE_MS: Final = 24 * 3600 * 1000
 
 

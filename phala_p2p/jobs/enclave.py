@@ -66,10 +66,10 @@ class EnclaveJobSession(JobSession):
             shared = mine.exchange(hello.client_pub)
         except ProtocolViolation as err:
             raise BadSessionKey(str(err)) from err
-        reply = sign_enclave_hello(signer, hello, mine.public_key)
+        reply = sign_enclave_hello(signer, hello, mine.public_key, self.config.window)
         del mine  # the only reference: the private key goes with it
         transcript = handshake_transcript(hello, reply, signer.public_key)
-        self._install(SessionKeys.derive(shared, transcript, hello))
+        self._install(SessionKeys.derive(shared, transcript, hello), peer_window=hello.window)
         self._last_attempt = 0
         self._outbox.append(encode_frame(reply))
 

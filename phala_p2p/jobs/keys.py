@@ -97,13 +97,17 @@ def client_hello_valid(hello: ClientHello, client_account: bytes) -> bool:
     return verify_signature(client_account, statement, hello.client_sig)
 
 
-def sign_enclave_hello(signer: Signer, hello: ClientHello, enclave_pub: bytes) -> EnclaveHello:
-    """The EnclaveHello answering ``hello`` with ``enclave_pub``, signed by ``signer``."""
+def sign_enclave_hello(
+    signer: Signer, hello: ClientHello, enclave_pub: bytes, window: int
+) -> EnclaveHello:
+    """The EnclaveHello answering ``hello`` with ``enclave_pub`` and the enclave's ``window``,
+    signed by ``signer`` (the window is bound by the transcript, like every hello field)."""
     statement = hello_statement(hello.agreement_id, hello.session_id, hello.client_pub, enclave_pub)
     return EnclaveHello(
         agreement_id=hello.agreement_id,
         session_id=hello.session_id,
         enclave_pub=enclave_pub,
+        window=window,
         signature=signer.sign(statement),
     )
 

@@ -38,6 +38,8 @@ CHUNK_MESSAGE_OVERHEAD: Final = 64
 the index, the bin header, then STREAM's flag and tag)."""
 MAX_CHUNK: Final = MAX_FRAME - CHUNK_MESSAGE_OVERHEAD
 """Largest plaintext of one chunk."""
+MAX_WINDOW: Final = 1024
+"""Most unacknowledged chunks any sender holds (a hello states its own)."""
 
 
 def _exact(name: str, value: bytes, length: int) -> None:
@@ -48,12 +50,14 @@ def _exact(name: str, value: bytes, length: int) -> None:
 @message(420)
 @dataclass(frozen=True)
 class ClientHello:
-    """Start a session: the agreement it serves, a fresh random session id, and the client's
-    ephemeral X25519 public key."""
+    """Start a session: the agreement it serves, a fresh random session id, the client's
+    ephemeral X25519 public key, and the client's window (the enclave acknowledges by it)."""
 
     agreement_id: bytes = field(metadata={"max_len": AGREEMENT_ID_LEN})
     session_id: bytes = field(metadata={"max_len": SESSION_ID_LEN})
     client_pub: bytes = field(metadata={"max_len": KEY_LEN})
+    window: int = field(metadata={"min": 1, "max": MAX_WINDOW})
+    """Most unacknowledged chunks the client holds."""
     client_sig: bytes = field(default=b"", metadata={"max_len": SIGNATURE_LEN})
     """The agreement's client account's signature of the client-hello statement: only the
     client that pays may open its agreement's session (empty: unsigned, refused by an
@@ -71,11 +75,14 @@ class ClientHello:
 @dataclass(frozen=True)
 class EnclaveHello:
     """The enclave's ephemeral X25519 key for this session, signed by its identity key over
-    the ``enclave-hello`` statement (agreement id, session id, both ephemeral keys)."""
+    the ``enclave-hello`` statement (agreement id, session id, both ephemeral keys), and the
+    enclave's window (the client acknowledges by it)."""
 
     agreement_id: bytes = field(metadata={"max_len": AGREEMENT_ID_LEN})
     session_id: bytes = field(metadata={"max_len": SESSION_ID_LEN})
     enclave_pub: bytes = field(metadata={"max_len": KEY_LEN})
+    window: int = field(metadata={"min": 1, "max": MAX_WINDOW})
+    """Most unacknowledged chunks the enclave holds."""
     signature: bytes = field(metadata={"max_len": SIGNATURE_LEN})
 
     def __post_init__(self) -> None:

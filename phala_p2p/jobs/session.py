@@ -124,6 +124,8 @@ class JobSession:
         self._decoder = FrameDecoder()
         self._outbox: list[bytes] = []
         self._ack_due = False
+        self._acked = 0  # the peer's chunks our last Ack covered (or a resume told)
+        self._ack_every = 1  # half the peer's window: see _queue_ack
         self._lost_at: int | None = None
         self._generation = 1
 
@@ -184,9 +186,10 @@ class JobSession:
 
     # -- keys ---------------------------------------------------------------------------------
 
-    def _install(self, keys: SessionKeys) -> None:
+    def _install(self, keys: SessionKeys, *, peer_window: int) -> None:
         out = self.outbound_direction
         self._keys = keys
+        self._ack_every = max(1, peer_window // 2)
         self._sender = ChunkSender(
             keys.stream_key(out),
             self.session_id,
@@ -250,6 +253,11 @@ class JobSession:
         if self._state is not State.SUSPENDED:  # no connection to write it on otherwise
             self._outbox.append(encode_frame(Cancel(code=code, text=text, mac=mac)))
 
+    @property
+    def wants_to_send(self) -> bool:
+        """Whether ``data_to_send`` has anything (a driver can skip the write otherwise)."""
+        return bool(self._outbox) or self._ack_ready()
+
     def data_to_send(self) -> bytes:
         """The bytes to write on the current connection (and forget them)."""
         self._queue_ack()
@@ -257,12 +265,25 @@ class JobSession:
         self._outbox.clear()
         return data
 
-    def _queue_ack(self) -> None:
-        if not self._ack_due or self._receiver is None or self._keys is None:
+    def _ack_ready(self, *, now: bool = False) -> bool:
+        """An Ack is due once half the peer's window (as its hello stated) is opened since
+        the last one, or the peer's final chunk is (or ``now``, with anything opened): so a
+        sender whose window is full always gets one, and a sender gets about one Ack per
+        half window, not one per chunk."""
+        receiver = self._receiver
+        if not self._ack_due or receiver is None or self._keys is None:
+            return False
+        return now or receiver.finished or receiver.index - self._acked >= self._ack_every
+
+    def _queue_ack(self, *, now: bool = False) -> None:
+        if not self._ack_ready(now=now):
             return
+        assert self._receiver is not None
+        assert self._keys is not None
         index = self._receiver.index
         mac = self._keys.mac(self.outbound_direction, ACK_LABEL, index)
         self._outbox.append(encode_frame(Ack(next_index=index, mac=mac)))
+        self._acked = index
         self._ack_due = False
 
     # -- receiving -----------------------------------------------------------------------------
@@ -368,6 +389,8 @@ class JobSession:
         self._decoder = FrameDecoder()
         self._outbox.clear()
         self._ack_due = False
+        if self._receiver is not None:  # the Resume or ResumeOk that follows states it
+            self._acked = self._receiver.index
 
     def end_of_stream(self) -> None:
         """The peer will send nothing more in this session (the driver knows it for sure):
@@ -385,7 +408,7 @@ class JobSession:
         if self._state is State.CLOSED:
             return
         if self._state is State.OPEN:
-            self._queue_ack()
+            self._queue_ack(now=True)
         for part in (self._sender, self._receiver):
             if part is not None:
                 part.close()

@@ -966,6 +966,8 @@ class _ClientRun:
         """Write what the session has queued, whole: a write cut short by a cancellation
         would leave half a frame, which would swallow whatever came after it (a Cancel).
         A peer that takes nothing for WRITE_TIMEOUT seconds is a lost connection."""
+        if not self.session.wants_to_send:
+            return  # (after most reads: no Ack due yet) no lock, no trip through the scheduler
         async with self._wlock:
             data = self.session.data_to_send()
             if not data:

@@ -35,9 +35,13 @@ from phala_p2p.jobs.messages import (
 from phala_p2p.wire.codec import encode
 
 SAMPLES = [
-    ClientHello(agreement_id=bytes(32), session_id=bytes(16), client_pub=bytes([9]) * 32),
+    ClientHello(agreement_id=bytes(32), session_id=bytes(16), client_pub=bytes([9]) * 32, window=8),
     EnclaveHello(
-        agreement_id=bytes(32), session_id=bytes(16), enclave_pub=bytes(32), signature=bytes(64)
+        agreement_id=bytes(32),
+        session_id=bytes(16),
+        enclave_pub=bytes(32),
+        window=8,
+        signature=bytes(64),
     ),
     Chunk(index=3, sealed=bytes(range(256)) * 4),
     Ack(next_index=4, mac=bytes(32)),

@@ -195,7 +195,9 @@ def test_a_replayed_enclave_hello_relabelled_for_this_session_is_refused() -> No
 
 
 def test_a_low_order_client_key_is_refused_by_the_enclave() -> None:
-    hello = ClientHello(agreement_id=AGREEMENT_ID, session_id=bytes(16), client_pub=LOW_ORDER_POINT)
+    hello = ClientHello(
+        agreement_id=AGREEMENT_ID, session_id=bytes(16), client_pub=LOW_ORDER_POINT, window=8
+    )
     with pytest.raises(BadSessionKey) as info:
         make_table().open(only_frame(encode_frame(hello)), NOW)
     assert info.value.reason == "bad_key"

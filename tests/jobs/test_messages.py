@@ -14,6 +14,7 @@ from phala_p2p.jobs import FrameDecoder, FrameType, State, decode_frame
 from phala_p2p.jobs.framing import encode_frame
 from phala_p2p.jobs.messages import (
     MAX_CANCEL_TEXT,
+    MAX_WINDOW,
     Ack,
     Cancel,
     Chunk,
@@ -41,10 +42,18 @@ def test_each_message_has_its_frame_type() -> None:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: ClientHello(agreement_id=bytes(31), session_id=bytes(16), client_pub=bytes(32)),
-        lambda: ClientHello(agreement_id=bytes(32), session_id=bytes(15), client_pub=bytes(32)),
+        lambda: ClientHello(
+            agreement_id=bytes(31), session_id=bytes(16), client_pub=bytes(32), window=8
+        ),
+        lambda: ClientHello(
+            agreement_id=bytes(32), session_id=bytes(15), client_pub=bytes(32), window=8
+        ),
         lambda: EnclaveHello(
-            agreement_id=bytes(32), session_id=bytes(16), enclave_pub=bytes(32), signature=b"s"
+            agreement_id=bytes(32),
+            session_id=bytes(16),
+            enclave_pub=bytes(32),
+            window=8,
+            signature=b"s",
         ),
         lambda: Ack(next_index=0, mac=bytes(31)),
         lambda: Resume(session_id=bytes(16), attempt=1, next_index=0, mac=b""),
@@ -68,13 +77,15 @@ def test_a_decoded_message_of_the_wrong_length_is_refused() -> None:
 b16 = st.binary(min_size=16, max_size=16)
 b32 = st.binary(min_size=32, max_size=32)
 index = st.integers(min_value=0, max_value=(1 << 56) - 1)
+window = st.integers(min_value=1, max_value=MAX_WINDOW)
 SAMPLES = st.one_of(
-    st.builds(ClientHello, agreement_id=b32, session_id=b16, client_pub=b32),
+    st.builds(ClientHello, agreement_id=b32, session_id=b16, client_pub=b32, window=window),
     st.builds(
         EnclaveHello,
         agreement_id=b32,
         session_id=b16,
         enclave_pub=b32,
+        window=window,
         signature=st.binary(min_size=64, max_size=64),
     ),
     st.builds(Chunk, index=index, sealed=st.binary(max_size=64)),

@@ -129,9 +129,9 @@ record_strategy = st.one_of(
     st.binary(min_size=1, max_size=300).map(Output),
     st.sampled_from(RECEIPTS).map(ReceiptRecord),
 )
-failed_strategy = st.builds(
-    JobFailed, error=st.text(max_size=64), text=st.text(max_size=100)
-).map(FailedRecord)
+failed_strategy = st.builds(JobFailed, error=st.text(max_size=64), text=st.text(max_size=100)).map(
+    FailedRecord
+)
 
 
 @given(

@@ -24,17 +24,21 @@ from phala_p2p.jobs.errors import ChunkReplayed, InboundTooLarge
 from phala_p2p.jobs.flow import ChunkReceiver, ChunkSender
 from phala_p2p.jobs.framing import encode_frame
 from phala_p2p.jobs.keys import Direction, stream_associated_data
-from phala_p2p.jobs.messages import Chunk
+from phala_p2p.jobs.messages import Ack, Chunk, ClientHello
 
 from .helpers import (
     AGREEMENT_ID,
+    ENCLAVE,
     KIB,
     MIB,
     NOW,
     OTHER_AGREEMENT_ID,
     Upload,
     connect,
+    make_table,
     messages_of,
+    only_frame,
+    piece,
     pump_once,
 )
 
@@ -75,6 +79,75 @@ def test_both_directions_stream_at_once() -> None:
     assert down.received_hash.digest() == up.sent_hash.digest()
     assert up.received_hash.digest() == down.sent_hash.digest()
     assert up.received == 15 * 4 * KIB
+
+
+def _acks(data: bytes) -> list[int]:
+    return [m.next_index for m in messages_of(data) if isinstance(m, Ack)]
+
+
+def test_acks_come_per_half_of_the_senders_window_and_for_the_final_chunk() -> None:
+    """Each side acknowledges by the window the other's hello stated (6 for this client, 8
+    for the enclave), not once per chunk; a final chunk is acknowledged at once."""
+    client = ClientJobSession(AGREEMENT_ID, ENCLAVE.public_key, JobConfig(chunk_size=64, window=6))
+    enclave = make_table(JobConfig(chunk_size=64, window=8)).open(
+        only_frame(client.data_to_send()), NOW
+    )
+    client.receive_data(enclave.data_to_send(), NOW)
+    enclave_acks: list[int] = []
+    for n in range(10):
+        assert client.send_room >= 64  # the Acks came in time: the client never waits
+        client.send(piece(n, 64), final=n == 9)
+        enclave.receive_data(client.data_to_send(), NOW)
+        back = enclave.data_to_send()
+        enclave_acks += _acks(back)
+        client.receive_data(back, NOW)
+    assert enclave_acks == [3, 6, 9, 10]
+    client_acks: list[int] = []
+    for n in range(9):
+        enclave.send(piece(n, 64), final=n == 8)
+        client.receive_data(enclave.data_to_send(), NOW)
+        back = client.data_to_send()
+        client_acks += _acks(back)
+        enclave.receive_data(back, NOW)
+    assert client_acks == [4, 8, 9]
+    assert client.done
+    assert enclave.done
+
+
+@pytest.mark.parametrize(("client_window", "enclave_window"), [(1, 8), (2, 3), (8, 1), (5, 2)])
+def test_every_pair_of_windows_streams_to_the_end(client_window: int, enclave_window: int) -> None:
+    """Acks by half the peer's window never leave a sender with a full window unanswered."""
+    client = ClientJobSession(
+        AGREEMENT_ID, ENCLAVE.public_key, JobConfig(chunk_size=KIB, window=client_window)
+    )
+    enclave = make_table(JobConfig(chunk_size=KIB, window=enclave_window)).open(
+        only_frame(client.data_to_send()), NOW
+    )
+    client.receive_data(enclave.data_to_send(), NOW)
+    up = Upload(client, chunks=23, size=KIB, seed=0)
+    down = Upload(enclave, chunks=17, size=KIB, seed=500)
+    for _ in range(60):
+        pump_once(up, down)
+        if client.done and enclave.done:
+            break
+    assert client.done
+    assert enclave.done
+    assert down.received_hash.digest() == up.sent_hash.digest()
+    assert up.received_hash.digest() == down.sent_hash.digest()
+
+
+def test_a_window_changed_on_the_way_breaks_the_session() -> None:
+    """The hellos' windows are bound like every other hello field, by the transcript: a
+    relay that rewrites one leaves the two sides with different keys."""
+    client = ClientJobSession(AGREEMENT_ID, ENCLAVE.public_key, JobConfig(window=8))
+    (hello,) = messages_of(client.data_to_send())
+    assert isinstance(hello, ClientHello)
+    forged = encode_frame(dataclasses.replace(hello, window=32))
+    enclave = make_table().open(only_frame(forged), NOW)
+    client.receive_data(enclave.data_to_send(), NOW)  # the signature does not cover it
+    client.send(b"job", final=True)
+    with pytest.raises(StreamTampered):
+        enclave.receive_data(client.data_to_send(), NOW)
 
 
 def _client_chunks(
