@@ -73,6 +73,7 @@ READ_SIZE: Final = 1 << 20
 RELAY_QUEUE: Final = 4
 WRITE_TIMEOUT: Final = 30.0
 ENCLAVE_BATCH: Final = 2 << 20
+WRITER_WAIT: Final = 0.005  # the relay: longest wait for its answers to be written
 FIRST_FRAME_TIMEOUT: Final = 10.0
 MAX_KEPT: Final = 4096
 OUTPUT_BUFFER: Final = 4  # open_job_stream: output pieces waiting to be read, by default
@@ -293,17 +294,21 @@ class JobService:
             if step.error:
                 logger.info("job connection from %s refused: %s", stream.peer_id, step.error)
             return
-        # Two tasks, so that reading the client and the enclave's work overlap with writing
-        # the enclave's answers (which the client's flow control may hold up); the queue
-        # between them is short, so a slow client slows the reading down. The reading task
-        # reads the stream itself: what arrives while the enclave works waits in the
-        # stream's buffer (its flow-control window) and is then taken in one read.
+        # Two tasks: one reads the client's stream and feeds the enclave, one writes the
+        # enclave's answers. What arrives while the enclave works and its answer is written
+        # waits in the stream's buffer (its flow-control window) and is then taken in one
+        # read. The writer may be held up by the client's flow control; the reader waits
+        # for it only briefly, so a Cancel from a client that stopped reading still
+        # reaches the enclave. The queue between them is short: a slow client slows the
+        # reading down.
         send, receive = trio.open_memory_channel[bytes](RELAY_QUEUE)
+        out = _Unwritten()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write_out, stream, receive)
+            nursery.start_soon(self._write_out, stream, receive, out)
             async with send:
+                out.add()
                 await send.send(step.out)
-                await self._feed_enclave(enclave, stream, first, step, send)
+                await self._feed_enclave(enclave, stream, first, step, send, out)
             # the writer drains what is queued (the last chunks, a Cancel), then ends
 
     async def _feed_enclave(
@@ -313,6 +318,7 @@ class JobService:
         opened_with: bytes,
         opened: JobStep,
         send: trio.MemorySendChannel[bytes],
+        out: _Unwritten,
     ) -> None:
         session_id, generation = opened.session_id, opened.generation
         ends = FrameEnds()
@@ -345,7 +351,13 @@ class JobService:
                 self._took(step)
                 try:
                     if step.out:  # (most steps that only took input have nothing to send)
+                        out.add()
                         await _put(send, step.out)
+                        # The next read waits for this answer to be written (as an echo
+                        # would): what comes meanwhile is then taken in one read, not one
+                        # read per 64 KiB frame. Not for long: a client that has stopped
+                        # reading must not keep its Cancel from us.
+                        await out.drained(WRITER_WAIT)
                 except trio.BrokenResourceError:
                     break  # the writer found the connection gone
                 if step.closed:
@@ -356,12 +368,13 @@ class JobService:
         self._node.metrics.count("job_connections_lost")
 
     async def _write_out(
-        self, stream: RawStream, receive: trio.MemoryReceiveChannel[bytes]
+        self, stream: RawStream, receive: trio.MemoryReceiveChannel[bytes], out: _Unwritten
     ) -> None:
         async with receive:
             async for data in receive:
                 try:
                     await stream.write(data)
+                    out.written()
                 except ConnectionLost:
                     await stream.reset()  # the reader then sees the end and tells the enclave
                     return
@@ -1059,6 +1072,29 @@ class _ClientRun:
         self.report(
             JobProgress("streaming", self.sent, self.total, self.received, self.stats.resumes)
         )
+
+
+class _Unwritten:
+    """The relay's answers handed to its writer and not written yet."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._drained = trio.Event()
+
+    def add(self) -> None:
+        self._count += 1
+
+    def written(self) -> None:
+        self._count -= 1
+        if not self._count:
+            self._drained.set()
+
+    async def drained(self, at_most: float) -> None:
+        """Return once every answer is written, or after ``at_most`` seconds."""
+        if self._count:
+            self._drained = trio.Event()
+            with trio.move_on_after(at_most):
+                await self._drained.wait()
 
 
 async def _put(channel: trio.MemorySendChannel[bytes], item: bytes) -> None:
