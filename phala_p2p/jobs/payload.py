@@ -125,50 +125,65 @@ Record = Output | ReceiptRecord | FailedRecord
 
 
 class RecordDecoder:
-    """The client's decoder of the enclave's plaintext stream (incremental, bounded)."""
+    """The client's decoder of the enclave's plaintext stream (incremental, bounded). Each
+    record's payload is copied once, out of the pieces it arrived in: nothing is gathered
+    into a buffer first (a record usually spans two chunks)."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._head = bytearray()  # a record header cut between pieces
+        self._kind: RecordType | None = None  # the record whose payload is coming
+        self._left = 0  # its payload bytes still to come
+        self._parts: list[memoryview] = []  # its payload so far, as views of the pieces
         self.final_seen = False
         self.failed = False
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        """Bytes taken and not yet given back as records (a header and what followed it)."""
+        head = _RECORD_HEADER.size if self._kind is not None else len(self._head)
+        return head + sum(len(part) for part in self._parts)
 
     def feed(self, data: bytes) -> list[Record]:
         if self.final_seen and data:
             raise ProtocolViolation("data after the final receipt", reason="after_final")
-        self._buf += data
         out: list[Record] = []
-        pos = 0  # the records are copied out once each; what they used is dropped once, below
-        try:
-            with memoryview(self._buf) as buf:
-                while len(buf) - pos >= _RECORD_HEADER.size:
-                    kind_byte, length = _RECORD_HEADER.unpack_from(buf, pos)
-                    try:
-                        kind = RecordType(kind_byte)
-                    except ValueError:
-                        raise ProtocolViolation(
-                            f"unknown record type {kind_byte}", reason="bad_record"
-                        ) from None
-                    if not 0 < length <= _RECORD_LIMITS[kind]:
-                        raise ProtocolViolation(
-                            f"a {kind.name} record of {length} bytes", reason="bad_record"
-                        )
-                    start = pos + _RECORD_HEADER.size
-                    if len(buf) < start + length:
-                        break
-                    payload = bytes(buf[start : start + length])
-                    pos = start + length
-                    out.append(self._record(kind, payload))
-                    if self.final_seen and len(buf) > pos:
-                        raise ProtocolViolation(
-                            "data after the final receipt", reason="after_final"
-                        )
-        finally:
-            del self._buf[:pos]
+        view = memoryview(data).cast("B")
+        pos, size = 0, len(view)
+        while pos < size:
+            if self.final_seen:
+                raise ProtocolViolation("data after the final receipt", reason="after_final")
+            if self._kind is None:
+                take = min(_RECORD_HEADER.size - len(self._head), size - pos)
+                self._head += view[pos : pos + take]
+                pos += take
+                if len(self._head) < _RECORD_HEADER.size:
+                    break
+                self._kind, self._left = self._header(bytes(self._head))
+                self._head.clear()
+                continue
+            take = min(self._left, size - pos)
+            self._parts.append(view[pos : pos + take])
+            self._left -= take
+            pos += take
+            if not self._left:
+                parts, kind = self._parts, self._kind
+                self._parts, self._kind = [], None
+                payload = parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+                out.append(self._record(kind, payload))
         return out
+
+    @staticmethod
+    def _header(head: bytes) -> tuple[RecordType, int]:
+        kind_byte, length = _RECORD_HEADER.unpack(head)
+        try:
+            kind = RecordType(kind_byte)
+        except ValueError:
+            raise ProtocolViolation(
+                f"unknown record type {kind_byte}", reason="bad_record"
+            ) from None
+        if not 0 < length <= _RECORD_LIMITS[kind]:
+            raise ProtocolViolation(f"a {kind.name} record of {length} bytes", reason="bad_record")
+        return kind, length
 
     def _record(self, kind: RecordType, payload: bytes) -> Record:
         if self.failed and kind is not RecordType.RECEIPT:
@@ -190,7 +205,7 @@ class RecordDecoder:
 
     def finish(self) -> None:
         """The enclave's stream ended: it must have ended on the final receipt."""
-        if self._buf or not self.final_seen:
+        if self._head or self._kind is not None or not self.final_seen:
             raise ProtocolViolation(
                 "the enclave's stream ended without its final receipt", reason="no_final_receipt"
             )
