@@ -94,17 +94,35 @@ class StreamSealer:
         return self._finished
 
     def seal_chunk(self, plaintext: bytes | bytearray | memoryview, *, final: bool) -> bytes:
+        nonce = self._next_nonce(plaintext, final)
+        sealed = self._aead.encrypt(nonce, plaintext, self._associated)
+        self._advance(final)
+        return (b"\x01" if final else b"\x00") + sealed
+
+    def seal_chunk_into(
+        self, plaintext: bytes | bytearray | memoryview, out: memoryview, *, final: bool
+    ) -> None:
+        """``seal_chunk``, written into ``out`` (``len(plaintext) + CHUNK_OVERHEAD`` bytes:
+        a frame's place for it), with no copy of its own."""
+        nonce = self._next_nonce(plaintext, final)
+        if len(out) != len(plaintext) + CHUNK_OVERHEAD:
+            raise UsageError(f"a sealed chunk takes len(plaintext) + {CHUNK_OVERHEAD} bytes")
+        out[0] = _FLAG_FINAL if final else _FLAG_MORE
+        self._aead.encrypt_into(nonce, plaintext, self._associated, out[1:])
+        self._advance(final)
+
+    def _next_nonce(self, plaintext: bytes | bytearray | memoryview, final: bool) -> bytes:
         if self._finished:
             raise UsageError("the stream is finished: nothing may follow its final chunk")
         if not isinstance(plaintext, bytes | bytearray | memoryview):
             raise UsageError("plaintext must be bytes")
         if self._index > MAX_CHUNK_INDEX:
             raise UsageError("stream has too many chunks")
-        nonce = chunk_nonce(self._prefix, self._index, final)
-        sealed = self._aead.encrypt(nonce, plaintext, self._associated)
+        return chunk_nonce(self._prefix, self._index, final)
+
+    def _advance(self, final: bool) -> None:
         self._index += 1
         self._finished = bool(final)
-        return (b"\x01" if final else b"\x00") + sealed
 
     def __repr__(self) -> str:
         return f"StreamSealer(index={self._index}, finished={self._finished})"

@@ -170,10 +170,10 @@ class ClientJobSession(JobSession):
         if not keys.mac_valid(peer, ok.mac, RESUME_OK_LABEL, ok.attempt, ok.next_index):
             raise BadMac("the ResumeOk has a bad MAC")
         assert self._sender is not None
-        chunks = self._sender.resend_from(ok.next_index)
-        self._outbox.extend(encode_frame(chunk) for chunk in chunks)
+        frames = self._sender.resend_from(ok.next_index)
+        self._outbox.extend(frames)
         self._state = State.OPEN
-        return Resumed(attempt=ok.attempt, resent_from=ok.next_index, resent=len(chunks))
+        return Resumed(attempt=ok.attempt, resent_from=ok.next_index, resent=len(frames))
 
 
 __all__ = ["ClientJobSession"]

@@ -96,7 +96,7 @@ class EnclaveJobSession(JobSession):
         assert self._sender is not None
         assert self._receiver is not None
         try:
-            chunks = self._sender.resend_from(msg.next_index)
+            frames = self._sender.resend_from(msg.next_index)
         except ProtocolViolation:
             self.close()  # the client holds the keys and is broken: refuse, and end it
             raise
@@ -104,9 +104,9 @@ class EnclaveJobSession(JobSession):
         mac = keys.mac(Direction.ENCLAVE_TO_CLIENT, RESUME_OK_LABEL, msg.attempt, index)
         ok = ResumeOk(session_id=self.session_id, attempt=msg.attempt, next_index=index, mac=mac)
         self._outbox.append(encode_frame(ok))
-        self._outbox.extend(encode_frame(chunk) for chunk in chunks)
+        self._outbox.extend(frames)
         self._state = State.OPEN
-        return Resumed(attempt=msg.attempt, resent_from=msg.next_index, resent=len(chunks))
+        return Resumed(attempt=msg.attempt, resent_from=msg.next_index, resent=len(frames))
 
 
 class SessionTable:

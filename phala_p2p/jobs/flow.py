@@ -16,11 +16,27 @@ of a session has its own key, so the prefix only has to be fixed for the stream.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
-from phala_p2p.crypto.stream import NONCE_PREFIX_SIZE, StreamOpener, StreamSealer
+from phala_p2p.crypto.stream import (
+    CHUNK_OVERHEAD,
+    NONCE_PREFIX_SIZE,
+    StreamOpener,
+    StreamSealer,
+)
 from phala_p2p.errors import ProtocolViolation, StreamReordered, StreamTruncated, UsageError
 from phala_p2p.jobs.errors import ChunkReplayed, InboundTooLarge, SessionClosed
+from phala_p2p.jobs.framing import chunk_frame_to_fill
 from phala_p2p.jobs.messages import MAX_CHUNK, Chunk
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A sealed chunk kept until acknowledged: its frame, and its sealed part (a view)."""
+
+    index: int
+    frame: bytearray
+    sealed: memoryview
 
 
 class ChunkSender:
@@ -40,7 +56,7 @@ class ChunkSender:
         self._finished = False
         self.window = window
         self.chunk_size = chunk_size
-        self._unacked: deque[Chunk] = deque()
+        self._unacked: deque[_Held] = deque()
         self._held = 0
         self._acked = 0
         self.max_in_flight = 0
@@ -91,6 +107,12 @@ class ChunkSender:
 
     def seal(self, plaintext: bytes | bytearray | memoryview, *, final: bool) -> Chunk:
         """Seal the next chunk and hold it until acknowledged (UsageError without room)."""
+        held = self._held_chunk(self.seal_frame(plaintext, final=final))
+        return Chunk(index=held.index, sealed=bytes(held.sealed))
+
+    def seal_frame(self, plaintext: bytes | bytearray | memoryview, *, final: bool) -> bytearray:
+        """``seal``, as the CHUNK frame to send: the chunk is sealed into the frame, which is
+        held (as is: do not change it) until acknowledged."""
         if self._sealer is None:
             raise SessionClosed("the sender is closed")
         if self.room <= 0:
@@ -101,15 +123,21 @@ class ChunkSender:
             raise UsageError(f"a chunk holds at most {self.chunk_size} bytes")
         if not final and not plaintext:
             raise UsageError("only the final chunk may be empty")
-        chunk = Chunk(index=self._next, sealed=self._sealer.seal_chunk(plaintext, final=final))
+        frame, sealed = chunk_frame_to_fill(self._next, len(plaintext) + CHUNK_OVERHEAD)
+        self._sealer.seal_chunk_into(plaintext, sealed, final=final)
+        self._unacked.append(_Held(self._next, frame, sealed))
         self._next += 1
         self._finished = final
-        self._unacked.append(chunk)
-        self._held += len(chunk.sealed)
+        self._held += len(sealed)
         self.max_in_flight = max(self.max_in_flight, len(self._unacked))
         self.max_held_bytes = max(self.max_held_bytes, self._held)
-        self.bytes_sent += len(chunk.sealed)
-        return chunk
+        self.bytes_sent += len(sealed)
+        return frame
+
+    def _held_chunk(self, frame: bytearray) -> _Held:
+        held = self._unacked[-1]
+        assert held.frame is frame
+        return held
 
     def on_ack(self, next_index: int) -> bool:
         """Forget the chunks below ``next_index``; whether that was news."""
@@ -125,19 +153,19 @@ class ChunkSender:
         self._acked = next_index
         return True
 
-    def resend_from(self, next_index: int) -> list[Chunk]:
-        """The held chunks from ``next_index`` on (the receiver's position after a resume),
-        byte for byte as first sent; everything below counts as acknowledged."""
+    def resend_from(self, next_index: int) -> list[bytearray]:
+        """The frames of the held chunks from ``next_index`` on (the receiver's position after
+        a resume), byte for byte as first sent; everything below counts as acknowledged."""
         if next_index < self._acked:
             raise ProtocolViolation(
                 f"resume from {next_index}, but {self._acked} was acknowledged",
                 reason="resume_behind",
             )
         self.on_ack(next_index)
-        chunks = list(self._unacked)
-        self.chunks_resent += len(chunks)
-        self.bytes_sent += sum(len(c.sealed) for c in chunks)
-        return chunks
+        held = list(self._unacked)
+        self.chunks_resent += len(held)
+        self.bytes_sent += sum(len(h.sealed) for h in held)
+        return [h.frame for h in held]
 
     def close(self) -> None:
         """Drop the STREAM sealer (and its key) and every held chunk; counters stay readable."""

@@ -134,6 +134,20 @@ def chunk_frame(index: int, sealed: bytes | bytearray | memoryview) -> bytes:
     return b"".join((_HEADER.pack(FrameType.CHUNK, len(head) + size), head, sealed))
 
 
+def chunk_frame_to_fill(index: int, size: int) -> tuple[bytearray, memoryview]:
+    """A CHUNK frame of ``size`` sealed bytes with its sealed part left to write, and that
+    part (a view of the frame): the chunk is sealed in place (``seal_chunk_into``)."""
+    if type(index) is not int or not 0 <= index <= MAX_CHUNK_INDEX:
+        raise UsageError(f"chunk index must be in 0..{MAX_CHUNK_INDEX}")
+    if not 0 <= size <= _MAX_SEALED:
+        raise UsageError(f"CHUNK of {size} sealed bytes is over its limit")
+    body_head = _chunk_head(index, size)
+    head = _HEADER.pack(FrameType.CHUNK, len(body_head) + size) + body_head
+    frame = bytearray(len(head) + size)
+    frame[: len(head)] = head
+    return frame, memoryview(frame)[len(head) :]
+
+
 def _chunk_head(index: int, size: int) -> bytes:
     """The body of a Chunk up to its sealed bytes (msgpack's shortest forms, as the codec)."""
     code = 0xC4 if size < 0x100 else 0xC5 if size < 0x10000 else 0xC6
@@ -310,6 +324,7 @@ __all__ = [
     "FrameEnds",
     "FrameType",
     "chunk_frame",
+    "chunk_frame_to_fill",
     "decode_frame",
     "encode_frame",
     "frame_type_of",

@@ -122,7 +122,7 @@ class JobSession:
         self._sender: ChunkSender | None = None
         self._receiver: ChunkReceiver | None = None
         self._decoder = FrameDecoder()
-        self._outbox: list[bytes] = []
+        self._outbox: list[bytes | bytearray] = []
         self._ack_due = False
         self._acked = 0  # the peer's chunks our last Ack covered (or a resume told)
         self._ack_every = 1  # half the peer's window: see _queue_ack
@@ -227,8 +227,7 @@ class JobSession:
             last = n == len(pieces) - 1
             if not final and last and not piece:
                 return  # nothing to send
-            chunk = self._sender.seal(piece, final=final and last)
-            self._outbox.append(encode_frame(chunk))
+            self._outbox.append(self._sender.seal_frame(piece, final=final and last))
 
     def cancel(self, code: int = CancelCode.ABORTED, text: str = "") -> None:
         """End the session and queue a Cancel telling the peer why, then erase the keys."""

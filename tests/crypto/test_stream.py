@@ -162,6 +162,22 @@ def test_empty_stream_is_one_empty_final_chunk() -> None:
     o.finish()
 
 
+@pytest.mark.parametrize("final", [False, True])
+def test_sealing_into_a_frame_is_sealing(final: bool) -> None:
+    """The sender seals into its frame's buffer: the same bytes as seal_chunk, index by index."""
+    a, b = StreamSealer(KEY, PREFIX, AD), StreamSealer(KEY, PREFIX, AD)
+    for n, data in enumerate((b"first", bytes(1000), b"")):
+        last = final and n == 2
+        out = bytearray(len(data) + CHUNK_OVERHEAD)
+        b.seal_chunk_into(data, memoryview(out), final=last)
+        assert bytes(out) == a.seal_chunk(data, final=last)
+        if last:
+            break
+    with pytest.raises(UsageError):  # the place must fit exactly; nothing is sealed
+        b.seal_chunk_into(b"x", memoryview(bytearray(CHUNK_OVERHEAD)), final=False)
+    assert b.index == a.index
+
+
 def test_sealer_refuses_after_final_and_bad_arguments() -> None:
     sealer = StreamSealer(KEY, PREFIX, AD)
     sealer.seal_chunk(b"x", final=True)

@@ -19,6 +19,7 @@ from phala_p2p.jobs.framing import (
     HEADER_SIZE,
     FrameEnds,
     chunk_frame,
+    chunk_frame_to_fill,
     split_chunk,
 )
 from phala_p2p.jobs.messages import (
@@ -175,6 +176,9 @@ def test_the_fast_chunk_frame_is_the_codecs_frame(index: int, size: int) -> None
     body = encode(Chunk(index, sealed))
     generic = header(FrameType.CHUNK, len(body)) + body
     assert encode_frame(Chunk(index, sealed)) == chunk_frame(index, sealed) == generic
+    to_fill, place = chunk_frame_to_fill(index, size)  # the sender's path: sealed in place
+    place[:] = sealed
+    assert to_fill == generic
     frame = FrameDecoder().feed(generic)[0]
     got = split_chunk(frame.body)
     assert got is not None
@@ -190,6 +194,9 @@ def test_the_fast_chunk_encoder_keeps_the_messages_bounds() -> None:
         chunk_frame(-1, b"x")
     with pytest.raises(UsageError):
         chunk_frame(0, bytes(MAX_CHUNK + CHUNK_OVERHEAD + 1))
+    for index, size in ((MAX_CHUNK_INDEX + 1, 1), (-1, 1), (0, MAX_CHUNK + CHUNK_OVERHEAD + 1)):
+        with pytest.raises(UsageError):
+            chunk_frame_to_fill(index, size)
 
 
 def _body(index_bytes: bytes, bin_bytes: bytes, sealed: bytes) -> bytes:
