@@ -17,8 +17,9 @@ bytes in ``phala_p2p.chain.settlement``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
+
+import blake3
 
 from phala_p2p.chain.settlement import (
     MAX_FUEL,
@@ -56,12 +57,12 @@ class ReceiptError(ProtocolViolation):
         self.problem = problem
 
 
-def output_hasher() -> hashlib._Hash:
-    """A fresh hash of a job's plaintext output, fed as it streams: SHA-256, which CPUs with
-    SHA extensions (x86 since Ice Lake and Zen, ARMv8) compute about three times faster than
-    BLAKE2b (1.5 GB/s against 0.54 GB/s on the benchmarks' machine). Client and enclave hash
-    every output byte, so this is on a job's critical path."""
-    return hashlib.sha256()
+def output_hasher() -> blake3.blake3:
+    """A fresh hash of a job's plaintext output, fed as it streams: BLAKE3 (256 bits), about
+    3.5 times as fast as SHA-256 even where the CPU has SHA extensions (5.6 GB/s against
+    1.7 GB/s on one core of the benchmarks' machine). Client and enclave hash every output
+    byte, the client on the event loop it streams on, so this is on a job's critical path."""
+    return blake3.blake3()
 
 
 def output_hash(output: bytes) -> bytes:
