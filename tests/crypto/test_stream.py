@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import nacl.bindings
+import nacl.exceptions
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -62,7 +63,7 @@ def test_nonce_layout() -> None:
     assert (a[0], c[0]) == (0, 1)
 
 
-def test_a_chunk_is_rfc8439_chacha20_poly1305_with_the_documented_nonce() -> None:
+def test_a_chunk_is_aes_256_gcm_with_the_documented_nonce() -> None:
     # libsodium's implementation, not the one the sealer uses: the construction as documented
     sealer = StreamSealer(KEY, PREFIX, AD)
     chunks = [sealer.seal_chunk(b"first", final=False), sealer.seal_chunk(b"last", final=True)]
@@ -70,10 +71,11 @@ def test_a_chunk_is_rfc8439_chacha20_poly1305_with_the_documented_nonce() -> Non
         final = index == 1
         assert chunk[0] == final
         nonce = PREFIX + index.to_bytes(7, "big") + bytes([final])
-        assert (
-            nacl.bindings.crypto_aead_chacha20poly1305_ietf_decrypt(chunk[1:], AD, nonce, KEY)
-            == plain
-        )
+        try:
+            opened = nacl.bindings.crypto_aead_aes256gcm_decrypt(chunk[1:], AD, nonce, KEY)
+        except nacl.exceptions.UnavailableError:
+            pytest.skip("libsodium's AES-256-GCM needs the CPU's AES instructions")
+        assert opened == plain
 
 
 def test_any_bit_flip_is_tampering() -> None:
