@@ -448,7 +448,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=("throughput", "e2e", "handshake"))
     parser.add_argument("--size-mib", type=int, default=64, help="throughput: MiB each way")
-    parser.add_argument("--reps", type=int, default=5, help="throughput: interleaved runs")
+    parser.add_argument("--reps", type=int, default=7, help="throughput: interleaved runs")
     parser.add_argument("--trials", type=int, default=20, help="e2e: small jobs")
     parser.add_argument("--sessions", type=int, default=2000, help="handshake: per round")
     parser.add_argument("--rounds", type=int, default=3, help="handshake: interleaved rounds")
