@@ -58,6 +58,7 @@ from phala_p2p.tee.keyshare import (
 from phala_p2p.tee.messages import AttestRequest, AttestResponse, SessionOffer
 from phala_p2p.tee.quote import MAX_NONCE_LEN, SIM_PLATFORM, UsageReceipt
 from phala_p2p.tee.sealing import JOB_ID_LEN, SESSION_ID_LEN
+from phala_p2p.tee.splice import MIN_SPLICE, vmsplice_writer
 from phala_p2p.tee.statements import heartbeat_bytes, statement_bytes
 from phala_p2p.wire.codec import decode
 
@@ -303,9 +304,13 @@ class SimulatedEnclave(Enclave):
         self._pending: dict[int, _Pending] = {}
         self._in_flight = trio.Semaphore(config.max_in_flight)
         # a frame is a list of segments (pack_frame_parts): large payloads are not copied
-        self._send_frames, self._frames_to_send = trio.open_memory_channel[list[bytes]](
+        self._send_frames, self._frames_to_send = trio.open_memory_channel[tuple[int, list[bytes]]](
             config.max_in_flight
         )
+        # Blobs put in the pipe by reference (vmsplice) must live, unchanged, until the
+        # enclave has read them, which it has once it answers their request: held till then.
+        self._splice: Callable[[int, bytes, int], int] | None = None
+        self._unanswered: dict[int, list[bytes]] = {}
         self._process: trio.Process | None = None
         self._info: EnclaveInfo | None = None
         self._closed = False
@@ -326,6 +331,7 @@ class SimulatedEnclave(Enclave):
         self._process = process
         _enlarge_pipe(process.stdin)
         _enlarge_pipe(process.stdout)
+        self._splice = vmsplice_writer(_fd_of(process.stdin))
         nursery.start_soon(self._writer)
         nursery.start_soon(self._reader)
         nursery.start_soon(self._stderr_reader)
@@ -375,16 +381,20 @@ class SimulatedEnclave(Enclave):
         stdin = self._process.stdin
         try:
             async with self._frames_to_send:
-                async for frame in self._frames_to_send:
+                async for rid, frame in self._frames_to_send:
                     for part in frame:
                         self._record("to_enclave", part)
-                    # the head and its blobs in one system call; the loop's receive is this
-                    # task's checkpoint, so a write that fits costs no extra trip through
-                    # the scheduler (one per part, with send_all)
-                    await _write_parts(_fd_of(stdin), frame)
-                    # Let go of a sent payload at once: freeing tens of MiB when the next
-                    # frame comes would delay that frame.
-                    frame.clear()
+                    if self._splice is not None:
+                        self._unanswered[rid] = frame  # until answered (see __init__)
+                    # the head and its blobs in one system call (or a blob by reference);
+                    # the loop's receive is this task's checkpoint, so a write that fits
+                    # costs no extra trip through the scheduler (one per part, with send_all)
+                    await _write_parts(_fd_of(stdin), frame, self._splice)
+                    if self._splice is None:
+                        # Let go of a sent payload at once: freeing tens of MiB when the next
+                        # frame comes would delay that frame.
+                        frame.clear()
+                    del frame
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self._mark_dead("enclave process stopped reading its input")
         finally:
@@ -469,6 +479,7 @@ class SimulatedEnclave(Enclave):
         ):
             raise ProtocolViolation("malformed response frame")
         rid, failed, body = response
+        self._unanswered.pop(rid, None)  # the enclave has read the request: its blobs may go
         pending = self._pending.get(rid)
         if pending is None:
             return  # the caller gave up (cancelled); the answer is dropped
@@ -488,6 +499,7 @@ class SimulatedEnclave(Enclave):
         self._fail_all(self._dead)
 
     def _fail_all(self, err: EnclaveError) -> None:
+        self._unanswered.clear()  # no reader is left to read them
         for pending in self._pending.values():
             if not pending.done.is_set():
                 pending.error = EnclaveError(str(err))  # one instance per waiting task
@@ -513,9 +525,9 @@ class SimulatedEnclave(Enclave):
             self._pending[rid] = pending
             try:
                 try:
-                    self._send_frames.send_nowait(frame)
+                    self._send_frames.send_nowait((rid, frame))
                 except trio.WouldBlock:
-                    await self._send_frames.send(frame)
+                    await self._send_frames.send((rid, frame))
                 except (trio.ClosedResourceError, trio.BrokenResourceError) as err:
                     raise EnclaveError("enclave is closed") from err
                 await pending.done.wait()
@@ -744,10 +756,36 @@ def _fd_of(stream: object) -> int:
     return stream.fileno()
 
 
-async def _write_parts(fd: int, parts: list[bytes]) -> None:
-    """Write ``parts`` in order to the non-blocking ``fd``: one ``writev`` when the pipe has
-    room, waiting for it to drain only when it has not. OSError (BrokenPipeError) if the
+async def _write_parts(
+    fd: int, parts: list[bytes], splice: Callable[[int, bytes, int], int] | None = None
+) -> None:
+    """Write ``parts`` in order to the non-blocking pipe ``fd``: runs of small parts with one
+    ``writev`` each, and with ``splice`` (``tee.splice``) each blob of MIN_SPLICE bytes or
+    more by reference, which the caller then keeps unchanged until the reader has read it.
+    Waits for the pipe to drain only when it is full. OSError (BrokenPipeError) if the
     reader is gone."""
+    start = 0
+    while start < len(parts):
+        part = parts[start]
+        if splice is not None and type(part) is bytes and len(part) >= MIN_SPLICE:
+            offset = 0
+            while offset < len(part):
+                try:
+                    offset += splice(fd, part, offset)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(fd)
+            start += 1
+            continue
+        end = start + 1
+        while end < len(parts) and not (
+            splice is not None and type(parts[end]) is bytes and len(parts[end]) >= MIN_SPLICE
+        ):
+            end += 1
+        await _writev_all(fd, parts[start:end])
+        start = end
+
+
+async def _writev_all(fd: int, parts: list[bytes]) -> None:
     views = [memoryview(part) for part in parts if part]
     while views:
         try:

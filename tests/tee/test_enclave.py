@@ -43,6 +43,7 @@ from phala_p2p.tee.messages import AttestRequest
 from phala_p2p.tee.policy import AttestationPolicy, verify_attestation
 from phala_p2p.tee.quote import UsageReceipt, verify_receipt
 from phala_p2p.tee.sealing import ClientSession
+from phala_p2p.tee.splice import MIN_SPLICE, vmsplice_writer
 from phala_p2p.tee.statements import MAX_STATEMENT, verify_statement
 
 Job = Callable[[str], bytes]
@@ -313,15 +314,23 @@ def test_config_is_validated_and_hides_the_seed() -> None:
     assert ROOT_SEED.hex() not in repr(CONFIG)
 
 
-async def test_frames_go_out_whole_and_in_order_through_a_small_pipe() -> None:
-    """The host writes a frame's parts with writev, waiting only when the pipe is full: a
-    pipe far smaller than the frame still gets every byte, in order; a pipe whose reader is
-    gone is an OSError (the channel then marks the enclave dead)."""
+@pytest.mark.parametrize("by_reference", [False, True], ids=["writev", "vmsplice"])
+async def test_frames_go_out_whole_and_in_order_through_a_small_pipe(by_reference: bool) -> None:
+    """The host writes a frame's parts with writev (and, where Linux allows, its large blobs
+    by reference with vmsplice), waiting only when the pipe is full: a pipe far smaller than
+    the frame still gets every byte, in order; a pipe whose reader is gone is an OSError (the
+    channel then marks the enclave dead)."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     os.set_blocking(write_fd, False)
     fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 4096)
-    parts = [b"head", os.urandom(100_000), b"", os.urandom(30_001), b"tail"]
+    splice = vmsplice_writer(write_fd) if by_reference else None
+    if by_reference and splice is None:
+        os.close(read_fd)
+        os.close(write_fd)
+        pytest.skip("vmsplice is not available here")
+    big = os.urandom(MIN_SPLICE + 1)
+    parts = [b"head", os.urandom(100_000), b"", os.urandom(30_001), big, b"mid", big, b"tail"]
     got = bytearray()
 
     async def read_all() -> None:
@@ -334,12 +343,12 @@ async def test_frames_go_out_whole_and_in_order_through_a_small_pipe() -> None:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_all)
-            await _write_parts(write_fd, parts)
+            await _write_parts(write_fd, parts, splice)
         assert bytes(got) == b"".join(parts)
         os.close(read_fd)
         read_fd = -1
         with pytest.raises(BrokenPipeError):
-            await _write_parts(write_fd, [b"x" * 10])
+            await _write_parts(write_fd, [b"x" * 10, big], splice)
     finally:
         os.close(write_fd)
         if read_fd >= 0:
