@@ -27,6 +27,7 @@ import hashlib
 import io
 import os
 import queue
+import select
 import sys
 import threading
 import time
@@ -83,6 +84,7 @@ from phala_p2p.tee.sealing import (
     open_sealed,
     seal,
 )
+from phala_p2p.tee.splice import MIN_SPLICE, LentBlobs, vmsplice_writer
 from phala_p2p.tee.statements import MAX_STATEMENT, heartbeat_bytes, statement_bytes
 from phala_p2p.wire.codec import decode, encode
 
@@ -135,6 +137,8 @@ class EnclaveServer:
         self._in_fd = in_fd
         self._out_fd = out_fd
         self._write_lock = threading.Lock()
+        self._splice = vmsplice_writer(out_fd, blocking=True)
+        self._lent = LentBlobs(out_fd)  # output blobs the pipe still refers to
         self._sessions: OrderedDict[bytes, EnclaveSession] = OrderedDict()
         self._sessions_lock = threading.Lock()
         self._queue: queue.Queue[tuple[int, str, dict[str, Any]] | None] = queue.Queue(JOB_QUEUE)
@@ -155,14 +159,29 @@ class EnclaveServer:
     # -- io ----------------------------------------------------------------------------------
 
     def _send(self, obj: Any) -> None:
-        # segments, so that a large sealed output is written from its own bytes, uncopied
+        # segments, so that a large sealed output is written from its own bytes, uncopied;
+        # where Linux allows, handed to the pipe by reference (vmsplice) and kept until the
+        # host has read past it
         parts = pack_frame_parts(obj, max_frame=self._max_frame)
         with self._write_lock:
+            lent = self._lent
             for part in parts:
+                if self._splice is not None and type(part) is bytes and len(part) >= MIN_SPLICE:
+                    offset = 0
+                    while offset < len(part):
+                        try:
+                            offset += self._splice(self._out_fd, part, offset)
+                        except BlockingIOError:  # (a non-blocking pipe after all)
+                            select.select([], [self._out_fd], [])
+                    lent.written += len(part)
+                    lent.lend(part)
+                    continue
                 view = memoryview(part)
                 while view:
                     written = os.write(self._out_fd, view)
                     view = view[written:]
+                    lent.written += written
+            lent.release_read()
 
     def _reply_ok(self, rid: int, result: dict[str, Any]) -> None:
         self._send([rid, 0, result])

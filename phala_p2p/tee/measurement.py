@@ -42,6 +42,7 @@ ENCLAVE_SOURCES: Final[tuple[str, ...]] = (
     "tee/keys.py",
     "tee/statements.py",
     "tee/channel.py",
+    "tee/splice.py",
     "tee/enclave_main.py",
     "tee/enclave_boot.py",
     # job sessions (jobs/runner.py) and what they read: agreements, receipts, their layouts

@@ -13,9 +13,13 @@ refuses it) gets ``None`` from :func:`vmsplice_writer`, and callers write as bef
 
 from __future__ import annotations
 
+import array
+import collections
 import ctypes
+import fcntl
 import os
 import sys
+import termios
 from collections.abc import Callable
 from typing import Final
 
@@ -28,7 +32,7 @@ class _IoVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
-def _load() -> Callable[[int, bytes, int], int] | None:
+def _load(flags: int) -> Callable[[int, bytes, int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -46,7 +50,7 @@ def _load() -> Callable[[int, bytes, int], int] | None:
         base = address_of(ctypes.c_char_p(blob), ctypes.c_void_p).value
         assert base is not None
         iov = _IoVec(base + offset, len(blob) - offset)
-        taken = int(call(fd, ctypes.byref(iov), 1, SPLICE_F_NONBLOCK))
+        taken = int(call(fd, ctypes.byref(iov), 1, flags))  # (ctypes lets go of the GIL)
         if taken < 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code))  # BlockingIOError, BrokenPipeError, ...
@@ -55,20 +59,57 @@ def _load() -> Callable[[int, bytes, int], int] | None:
     return vmsplice
 
 
-_VMSPLICE = _load()
+_VMSPLICE = _load(SPLICE_F_NONBLOCK)
+_VMSPLICE_BLOCKING = _load(0)
 
 
-def vmsplice_writer(fd: int) -> Callable[[int, bytes, int], int] | None:
-    """``vmsplice`` if it works on the pipe ``fd`` here, else None (write as before)."""
-    if _VMSPLICE is None:
+def vmsplice_writer(fd: int, *, blocking: bool = False) -> Callable[[int, bytes, int], int] | None:
+    """``vmsplice`` if it works on the pipe ``fd`` here, else None (write as before). Not
+    ``blocking``: BlockingIOError when the pipe is full (for a non-blocking ``fd``)."""
+    splice = _VMSPLICE_BLOCKING if blocking else _VMSPLICE
+    if splice is None:
         return None
     try:
-        _VMSPLICE(fd, b"", 0)  # an empty splice: refused by a sandbox or a kernel without it
+        splice(fd, b"", 0)  # an empty splice: refused by a sandbox or a kernel without it
     except BlockingIOError:
         pass
     except OSError:
         return None
-    return _VMSPLICE
+    return splice
 
 
-__all__ = ["MIN_SPLICE", "vmsplice_writer"]
+def unread_bytes(fd: int) -> int:
+    """Bytes in the pipe ``fd`` (either end) that its reader has not read yet."""
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count)
+    return count[0]
+
+
+class LentBlobs:
+    """A writer's blobs spliced into a pipe, kept until its reader has read past them.
+
+    The pipe refers to their pages until then, so they must not be freed (and their memory
+    reused) before: ``lend`` after splicing one, ``release_read`` after each write. The
+    reader has read ``written - unread_bytes(fd)`` bytes of what was written.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.written = 0  # bytes written to the pipe so far, spliced or copied
+        self._lent: collections.deque[tuple[int, bytes]] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._lent)
+
+    def lend(self, blob: bytes) -> None:
+        self._lent.append((self.written, blob))  # (``written`` counts the blob already)
+
+    def release_read(self) -> None:
+        if not self._lent:
+            return
+        read = self.written - unread_bytes(self._fd)
+        while self._lent and self._lent[0][0] <= read:
+            self._lent.popleft()
+
+
+__all__ = ["MIN_SPLICE", "LentBlobs", "unread_bytes", "vmsplice_writer"]

@@ -43,7 +43,7 @@ from phala_p2p.tee.messages import AttestRequest
 from phala_p2p.tee.policy import AttestationPolicy, verify_attestation
 from phala_p2p.tee.quote import UsageReceipt, verify_receipt
 from phala_p2p.tee.sealing import ClientSession
-from phala_p2p.tee.splice import MIN_SPLICE, vmsplice_writer
+from phala_p2p.tee.splice import MIN_SPLICE, LentBlobs, unread_bytes, vmsplice_writer
 from phala_p2p.tee.statements import MAX_STATEMENT, verify_statement
 
 Job = Callable[[str], bytes]
@@ -353,3 +353,39 @@ async def test_frames_go_out_whole_and_in_order_through_a_small_pipe(by_referenc
         os.close(write_fd)
         if read_fd >= 0:
             os.close(read_fd)
+
+
+def test_blobs_lent_to_a_pipe_are_kept_until_the_reader_has_read_past_them() -> None:
+    """The enclave's output blobs go into its pipe by reference: each is let go only once
+    the host has read every byte of it (the pipe no longer refers to its pages)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+        splice = vmsplice_writer(write_fd, blocking=True)
+        if splice is None:
+            pytest.skip("vmsplice is not available here")
+        lent = LentBlobs(write_fd)
+        first, second = os.urandom(MIN_SPLICE + 100), os.urandom(MIN_SPLICE)
+        for blob in (first, second):
+            os.write(write_fd, b"head")
+            lent.written += 4
+            offset = 0
+            while offset < len(blob):
+                offset += splice(write_fd, blob, offset)
+            lent.written += len(blob)
+            lent.lend(blob)
+        assert unread_bytes(write_fd) == lent.written
+        got = os.read(read_fd, 4 + len(first) - 1)  # all of the first blob but its last byte
+        lent.release_read()
+        assert len(lent) == 2
+        got += os.read(read_fd, 1)
+        lent.release_read()
+        assert len(lent) == 1  # the first is read: let go; the second is not
+        while unread_bytes(read_fd):
+            got += os.read(read_fd, 1 << 20)
+        lent.release_read()
+        assert len(lent) == 0
+        assert got == b"head" + first + b"head" + second
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
