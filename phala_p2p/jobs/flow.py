@@ -107,7 +107,8 @@ class ChunkSender:
 
     def seal(self, plaintext: bytes | bytearray | memoryview, *, final: bool) -> Chunk:
         """Seal the next chunk and hold it until acknowledged (UsageError without room)."""
-        held = self._held_chunk(self.seal_frame(plaintext, final=final))
+        self.seal_frame(plaintext, final=final)
+        held = self._unacked[-1]  # the chunk just sealed
         return Chunk(index=held.index, sealed=bytes(held.sealed))
 
     def seal_frame(self, plaintext: bytes | bytearray | memoryview, *, final: bool) -> bytearray:
@@ -133,11 +134,6 @@ class ChunkSender:
         self.max_held_bytes = max(self.max_held_bytes, self._held)
         self.bytes_sent += len(sealed)
         return frame
-
-    def _held_chunk(self, frame: bytearray) -> _Held:
-        held = self._unacked[-1]
-        assert held.frame is frame
-        return held
 
     def on_ack(self, next_index: int) -> bool:
         """Forget the chunks below ``next_index``; whether that was news."""

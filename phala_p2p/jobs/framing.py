@@ -125,27 +125,27 @@ def _uint(value: int) -> bytes:
 def chunk_frame(index: int, sealed: bytes | bytearray | memoryview) -> bytes:
     """``encode_frame(Chunk(index, sealed))``, byte for byte, with the sealed bytes copied
     once (into the frame) rather than three times through the generic encoder."""
-    if type(index) is not int or not 0 <= index <= MAX_CHUNK_INDEX:
-        raise UsageError(f"chunk index must be in 0..{MAX_CHUNK_INDEX}")
-    size = len(sealed)
-    if size > _MAX_SEALED:
-        raise UsageError(f"CHUNK of {size} sealed bytes is over its limit")
-    head = _chunk_head(index, size)
-    return b"".join((_HEADER.pack(FrameType.CHUNK, len(head) + size), head, sealed))
+    return b"".join((_chunk_frame_head(index, len(sealed)), sealed))
 
 
 def chunk_frame_to_fill(index: int, size: int) -> tuple[bytearray, memoryview]:
     """A CHUNK frame of ``size`` sealed bytes with its sealed part left to write, and that
     part (a view of the frame): the chunk is sealed in place (``seal_chunk_into``)."""
+    head = _chunk_frame_head(index, size)
+    frame = bytearray(len(head) + size)
+    frame[: len(head)] = head
+    return frame, memoryview(frame)[len(head) :]
+
+
+def _chunk_frame_head(index: int, size: int) -> bytes:
+    """A CHUNK frame up to its ``size`` sealed bytes: the frame header and the Chunk's body up
+    to them; UsageError outside the message's bounds."""
     if type(index) is not int or not 0 <= index <= MAX_CHUNK_INDEX:
         raise UsageError(f"chunk index must be in 0..{MAX_CHUNK_INDEX}")
     if not 0 <= size <= _MAX_SEALED:
         raise UsageError(f"CHUNK of {size} sealed bytes is over its limit")
     body_head = _chunk_head(index, size)
-    head = _HEADER.pack(FrameType.CHUNK, len(body_head) + size) + body_head
-    frame = bytearray(len(head) + size)
-    frame[: len(head)] = head
-    return frame, memoryview(frame)[len(head) :]
+    return _HEADER.pack(FrameType.CHUNK, len(body_head) + size) + body_head
 
 
 def _chunk_head(index: int, size: int) -> bytes:

@@ -123,7 +123,6 @@ class JobSession:
         self._receiver: ChunkReceiver | None = None
         self._decoder = FrameDecoder()
         self._outbox: list[bytes | bytearray] = []
-        self._ack_due = False
         self._acked = 0  # the peer's chunks our last Ack covered (or a resume told)
         self._ack_every = 1  # half the peer's window: see _queue_ack
         self._lost_at: int | None = None
@@ -270,8 +269,8 @@ class JobSession:
         sender whose window is full always gets one, and a sender gets about one Ack per
         half window, not one per chunk."""
         receiver = self._receiver
-        if not self._ack_due or receiver is None or self._keys is None:
-            return False
+        if receiver is None or self._keys is None or receiver.index == self._acked:
+            return False  # (nothing opened since)
         return now or receiver.finished or receiver.index - self._acked >= self._ack_every
 
     def _queue_ack(self, *, now: bool = False) -> None:
@@ -283,7 +282,6 @@ class JobSession:
         mac = self._keys.mac(self.outbound_direction, ACK_LABEL, index)
         self._outbox.append(encode_frame(Ack(next_index=index, mac=mac)))
         self._acked = index
-        self._ack_due = False
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -341,7 +339,6 @@ class JobSession:
     def _on_sealed(self, index: int, sealed: bytes | memoryview) -> DataReceived:
         assert self._receiver is not None
         data, final = self._receiver.open_sealed(index, sealed)
-        self._ack_due = True
         return DataReceived(index=index, data=data, final=final)
 
     def _on_ack(self, ack: Ack) -> list[Event]:
@@ -387,7 +384,6 @@ class JobSession:
     def _new_connection(self) -> None:
         self._decoder = FrameDecoder()
         self._outbox.clear()
-        self._ack_due = False
         if self._receiver is not None:  # the Resume or ResumeOk that follows states it
             self._acked = self._receiver.index
 

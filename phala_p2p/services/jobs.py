@@ -57,6 +57,7 @@ from phala_p2p.market.directory import Advert
 from phala_p2p.market.negotiation import Agreement
 from phala_p2p.market.negotiation import agreement_id as make_agreement_id
 from phala_p2p.market.receipt import CoSignedReceipt, JobReceipt, output_hasher, settle_body
+from phala_p2p.net.batching import put_soon
 from phala_p2p.net.streams import RawStream
 from phala_p2p.services.chain import Receipt
 from phala_p2p.tee.channel import ERROR_CODES
@@ -352,7 +353,7 @@ class JobService:
                 try:
                     if step.out:  # (most steps that only took input have nothing to send)
                         out.add()
-                        await _put(send, step.out)
+                        await put_soon(send, step.out)
                         # The next read waits for this answer to be written (as an echo
                         # would): what comes meanwhile is then taken in one read, not one
                         # read per 64 KiB frame. Not for long: a client that has stopped
@@ -1095,16 +1096,6 @@ class _Unwritten:
             self._drained = trio.Event()
             with trio.move_on_after(at_most):
                 await self._drained.wait()
-
-
-async def _put(channel: trio.MemorySendChannel[bytes], item: bytes) -> None:
-    """``channel.send(item)`` without a trip through the scheduler when there is room (the
-    usual case): the relay's tasks checkpoint where they really wait (the stream, the
-    enclave's answer), so a yield per queued item only cost scheduler steps."""
-    try:
-        channel.send_nowait(item)
-    except trio.WouldBlock:
-        await channel.send(item)
 
 
 def _one_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -31,6 +31,7 @@ from typing import Any, Final
 import trio
 
 from phala_p2p.errors import EnclaveError, P2PError, ProtocolViolation, UsageError
+from phala_p2p.net.batching import put_soon
 from phala_p2p.tee.channel import (
     FrameDecoder,
     error_from_wire,
@@ -58,7 +59,7 @@ from phala_p2p.tee.keyshare import (
 from phala_p2p.tee.messages import AttestRequest, AttestResponse, SessionOffer
 from phala_p2p.tee.quote import MAX_NONCE_LEN, SIM_PLATFORM, UsageReceipt
 from phala_p2p.tee.sealing import JOB_ID_LEN, SESSION_ID_LEN
-from phala_p2p.tee.splice import MIN_SPLICE, vmsplice_writer
+from phala_p2p.tee.splice import spliceable, vmsplice_writer
 from phala_p2p.tee.statements import heartbeat_bytes, statement_bytes
 from phala_p2p.wire.codec import decode
 
@@ -525,9 +526,7 @@ class SimulatedEnclave(Enclave):
             self._pending[rid] = pending
             try:
                 try:
-                    self._send_frames.send_nowait((rid, frame))
-                except trio.WouldBlock:
-                    await self._send_frames.send((rid, frame))
+                    await put_soon(self._send_frames, (rid, frame))
                 except (trio.ClosedResourceError, trio.BrokenResourceError) as err:
                     raise EnclaveError("enclave is closed") from err
                 await pending.done.wait()
@@ -760,14 +759,13 @@ async def _write_parts(
     fd: int, parts: list[bytes], splice: Callable[[int, bytes, int], int] | None = None
 ) -> None:
     """Write ``parts`` in order to the non-blocking pipe ``fd``: runs of small parts with one
-    ``writev`` each, and with ``splice`` (``tee.splice``) each blob of MIN_SPLICE bytes or
-    more by reference, which the caller then keeps unchanged until the reader has read it.
-    Waits for the pipe to drain only when it is full. OSError (BrokenPipeError) if the
-    reader is gone."""
+    ``writev`` each, and with ``splice`` (``tee.splice``) each ``spliceable`` blob by
+    reference, which the caller then keeps unchanged until the reader has read it. Waits for
+    the pipe to drain only when it is full. OSError (BrokenPipeError) if the reader is gone."""
     start = 0
     while start < len(parts):
         part = parts[start]
-        if splice is not None and type(part) is bytes and len(part) >= MIN_SPLICE:
+        if splice is not None and spliceable(part):
             offset = 0
             while offset < len(part):
                 try:
@@ -777,9 +775,7 @@ async def _write_parts(
             start += 1
             continue
         end = start + 1
-        while end < len(parts) and not (
-            splice is not None and type(parts[end]) is bytes and len(parts[end]) >= MIN_SPLICE
-        ):
+        while end < len(parts) and not (splice is not None and spliceable(parts[end])):
             end += 1
         await _writev_all(fd, parts[start:end])
         start = end

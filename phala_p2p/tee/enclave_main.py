@@ -84,7 +84,7 @@ from phala_p2p.tee.sealing import (
     open_sealed,
     seal,
 )
-from phala_p2p.tee.splice import MIN_SPLICE, LentBlobs, vmsplice_writer
+from phala_p2p.tee.splice import LentBlobs, spliceable, vmsplice_writer
 from phala_p2p.tee.statements import MAX_STATEMENT, heartbeat_bytes, statement_bytes
 from phala_p2p.wire.codec import decode, encode
 
@@ -166,21 +166,20 @@ class EnclaveServer:
         with self._write_lock:
             lent = self._lent
             for part in parts:
-                if self._splice is not None and type(part) is bytes and len(part) >= MIN_SPLICE:
+                if self._splice is not None and spliceable(part):
                     offset = 0
                     while offset < len(part):
                         try:
                             offset += self._splice(self._out_fd, part, offset)
                         except BlockingIOError:  # (a non-blocking pipe after all)
                             select.select([], [self._out_fd], [])
-                    lent.written += len(part)
                     lent.lend(part)
                     continue
                 view = memoryview(part)
                 while view:
                     written = os.write(self._out_fd, view)
                     view = view[written:]
-                    lent.written += written
+                    lent.wrote(written)
             lent.release_read()
 
     def _reply_ok(self, rid: int, result: dict[str, Any]) -> None:

@@ -78,6 +78,12 @@ def vmsplice_writer(fd: int, *, blocking: bool = False) -> Callable[[int, bytes,
     return splice
 
 
+def spliceable(part: object) -> bool:
+    """Whether a frame's part goes by reference: a ``bytes`` blob (never changed) of
+    MIN_SPLICE bytes or more."""
+    return type(part) is bytes and len(part) >= MIN_SPLICE
+
+
 def unread_bytes(fd: int) -> int:
     """Bytes in the pipe ``fd`` (either end) that its reader has not read yet."""
     count = array.array("i", [0])
@@ -89,8 +95,9 @@ class LentBlobs:
     """A writer's blobs spliced into a pipe, kept until its reader has read past them.
 
     The pipe refers to their pages until then, so they must not be freed (and their memory
-    reused) before: ``lend`` after splicing one, ``release_read`` after each write. The
-    reader has read ``written - unread_bytes(fd)`` bytes of what was written.
+    reused) before: ``lend`` after splicing one, ``wrote`` after copying bytes in,
+    ``release_read`` after each write. The reader has read ``written - unread_bytes(fd)``
+    bytes of what was written.
     """
 
     def __init__(self, fd: int) -> None:
@@ -102,7 +109,11 @@ class LentBlobs:
         return len(self._lent)
 
     def lend(self, blob: bytes) -> None:
-        self._lent.append((self.written, blob))  # (``written`` counts the blob already)
+        self.written += len(blob)
+        self._lent.append((self.written, blob))  # released once read up to its end
+
+    def wrote(self, count: int) -> None:
+        self.written += count
 
     def release_read(self) -> None:
         if not self._lent:
@@ -112,4 +123,4 @@ class LentBlobs:
             self._lent.popleft()
 
 
-__all__ = ["MIN_SPLICE", "LentBlobs", "unread_bytes", "vmsplice_writer"]
+__all__ = ["MIN_SPLICE", "LentBlobs", "spliceable", "unread_bytes", "vmsplice_writer"]

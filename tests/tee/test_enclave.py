@@ -368,11 +368,10 @@ def test_blobs_lent_to_a_pipe_are_kept_until_the_reader_has_read_past_them() -> 
         first, second = os.urandom(MIN_SPLICE + 100), os.urandom(MIN_SPLICE)
         for blob in (first, second):
             os.write(write_fd, b"head")
-            lent.written += 4
+            lent.wrote(4)
             offset = 0
             while offset < len(blob):
                 offset += splice(write_fd, blob, offset)
-            lent.written += len(blob)
             lent.lend(blob)
         assert unread_bytes(write_fd) == lent.written
         got = os.read(read_fd, 4 + len(first) - 1)  # all of the first blob but its last byte
